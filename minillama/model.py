@@ -221,3 +221,9 @@ class Transformer(nn.Module):
             if not self.cfg.tie_embeddings:
                 total -= self.output.weight.numel()
         return total
+
+
+def count_parameters(cfg: ModelConfig, embeddings: bool = True) -> int:
+    """Exact parameter count of the model `cfg` describes, from the model itself built on the meta device."""
+    with torch.device("meta"):
+        return Transformer(cfg).num_params(embeddings=embeddings)

@@ -1,0 +1,115 @@
+import pytest
+import torch
+
+from minillama import KVCache, MinillamaError, ModelConfig, Transformer, count_parameters
+from minillama.config import PRESETS
+
+# Published parameter counts (Meta's model cards and papers); they must come out of the model itself.
+EXACT_COUNTS = {
+    "llama1-7b": 6_738_415_616,
+    "llama1-13b": 13_015_864_320,
+    "llama1-33b": 32_528_943_616,
+    "llama1-65b": 65_285_660_672,
+    "llama2-7b": 6_738_415_616,
+    "llama2-13b": 13_015_864_320,
+    "llama2-70b": 68_976_648_192,
+    "llama3-8b": 8_030_261_248,
+    "llama3-70b": 70_553_706_496,
+    "llama3.1-8b": 8_030_261_248,
+    "llama3.1-70b": 70_553_706_496,
+    "llama3.1-405b": 405_853_388_800,
+    "llama3.2-1b": 1_235_814_400,
+    "llama3.2-3b": 3_212_749_824,
+}
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_builds_on_meta_device(name):
+    cfg = ModelConfig.from_preset(name)
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    assert all(p.device.type == "meta" for p in model.parameters())
+    count = model.num_params()
+    assert count == count_parameters(cfg)
+    if name in EXACT_COUNTS:
+        assert count == EXACT_COUNTS[name]
+
+
+def test_ladder_sizes_match_their_names():
+    expected = {"tiny": 1e6, "15m": 15e6, "50m": 50e6, "125m": 125e6, "350m": 350e6, "1b": 1.1e9}
+    for name, target in expected.items():
+        count = count_parameters(ModelConfig.from_preset(name))
+        assert 0.8 * target <= count <= 1.2 * target, (name, count)
+
+
+def test_meta_model_materialises_with_init_weights():
+    cfg = ModelConfig.from_preset("tiny")
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    logits = model(torch.randint(0, cfg.vocab_size, (1, 8)))
+    assert torch.isfinite(logits).all()
+    assert model.rope_inv_freq[0].item() == 1.0
+
+
+def test_forward_shapes_and_tied_embeddings():
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg)
+    logits = model(torch.randint(0, cfg.vocab_size, (3, 11)))
+    assert logits.shape == (3, 11, cfg.vocab_size)
+    assert model.output.weight is model.tok_embeddings.weight
+    untied = Transformer(ModelConfig.from_preset("tiny", tie_embeddings=False))
+    assert untied.num_params() == model.num_params() + cfg.vocab_size * cfg.dim
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_logits_equal_full_sequence_logits(n_kv_heads):
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, ffn_hidden_dim=96,
+                      max_seq_len=64, rope_scaling=dict(factor=8.0, original_max_position_embeddings=16))
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    with torch.no_grad():
+        full = model(tokens)
+        cache = KVCache.empty(cfg, batch_size=2, max_len=32)
+        chunks = [model(tokens[:, :9], cache, 0), model(tokens[:, 9:15], cache, 9)]  # prefill, then a chunk
+        chunks += [model(tokens[:, t:t + 1], cache, t) for t in range(15, 24)]  # one token at a time
+    assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def test_causality_future_tokens_do_not_change_past_logits():
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg).eval()
+    a = torch.randint(0, cfg.vocab_size, (1, 16))
+    b = a.clone()
+    b[0, 10:] = (b[0, 10:] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        assert torch.allclose(model(a)[:, :10], model(b)[:, :10], atol=1e-6)
+
+
+def test_llama31_rope_scaling_changes_only_low_frequencies():
+    from minillama.model import rope_inverse_frequencies
+
+    plain = rope_inverse_frequencies(128, 500000.0, None)
+    scaled = rope_inverse_frequencies(128, 500000.0, ModelConfig.from_preset("llama3.1-8b").rope_scaling)
+    assert torch.equal(plain[:10], scaled[:10])  # short wavelengths untouched
+    assert torch.allclose(scaled[-1], plain[-1] / 8)  # the longest divided by the factor
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(dim=100, n_heads=3), "not divisible by model.n_heads"),
+        (dict(dim=64, n_heads=4, n_kv_heads=3), "not a multiple of model.n_kv_heads"),
+        (dict(dim=64, n_heads=4, vocab_size=0), "model.vocab_size must be positive"),
+    ],
+)
+def test_contradictory_config_fields_are_named(fields, message):
+    with pytest.raises(MinillamaError, match=message):
+        ModelConfig(**fields)
+
+
+def test_unknown_preset_lists_known_ones():
+    with pytest.raises(MinillamaError, match="unknown preset 'llama9-1t'.*llama3-8b"):
+        ModelConfig.from_preset("llama9-1t")
