@@ -188,8 +188,7 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(0, 0.02) weights; the projections that write into the residual stream (wo, w2) scaled by
         1/sqrt(2 * n_layers) so the stream's variance does not grow with depth (GPT-2 §2.3)."""
-        self.rope_inv_freq.copy_(rope_inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta,
-                                                          self.cfg.rope_scaling))
+        self.reset_buffers()
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():
             if isinstance(module, nn.Linear):
@@ -199,6 +198,12 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.weight, mean=0.0, std=std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def reset_buffers(self) -> None:
+        """Recompute the buffers derived from the config (RoPE frequencies) on the weights' device. Checkpoints
+        never store them, so loading a model built on the meta device calls this after assigning the weights."""
+        inv_freq = rope_inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
+        self.rope_inv_freq = inv_freq.to(self.tok_embeddings.weight.device)
 
     def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
         B, T = tokens.shape
