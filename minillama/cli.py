@@ -50,7 +50,48 @@ def run_presets(args: argparse.Namespace) -> None:
 def add_tokenizer_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokenizer", help="train, or encode and decode with, a tokenizer")
     tsub = p.add_subparsers(dest="tokenizer_command", required=True)
-    # TOKENIZER-CLI: filled in by the tokenizer work
+
+    t = tsub.add_parser("train", help="train a byte-level BPE tokenizer (digits split, byte fallback) on text files")
+    t.add_argument("--input", nargs="+", required=True, metavar="PATH", help="UTF-8 text files")
+    t.add_argument("--vocab-size", type=int, required=True, metavar="N", help="vocabulary size, specials included")
+    t.add_argument("--out", required=True, metavar="DIR", help="directory for tokenizer.json + tokenizer_config.json")
+    t.add_argument("--min-frequency", type=int, default=2, metavar="N", help="merge only pairs seen N times")
+    t.set_defaults(handler=run_tokenizer_train)
+
+    e = tsub.add_parser("encode", help="print the token ids of a text")
+    e.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer directory or file")
+    e.add_argument("text", metavar="TEXT", help="the text; '-' reads standard input")
+    e.add_argument("--bos", action="store_true", help="prepend the bos token")
+    e.add_argument("--eos", action="store_true", help="append the eos token")
+    e.add_argument("--json", action="store_true", help='print {"ids": [...]}')
+    e.set_defaults(handler=run_tokenizer_encode)
+
+    d = tsub.add_parser("decode", help="print the text of token ids")
+    d.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer directory or file")
+    d.add_argument("ids", nargs="+", type=int, metavar="IDS", help="token ids")
+    d.set_defaults(handler=run_tokenizer_decode)
+
+
+def run_tokenizer_train(args: argparse.Namespace) -> None:
+    from minillama.tokenizer import train_bpe
+
+    tok = train_bpe(args.input, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"trained {tok.vocab_size} tokens (bos={tok.bos_id}, eos={tok.eos_id}) -> {args.out}  "
+          f"fingerprint {tok.fingerprint}")
+
+
+def run_tokenizer_encode(args: argparse.Namespace) -> None:
+    from minillama.tokenizer import load_tokenizer
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    ids = load_tokenizer(args.tokenizer).encode(text, bos=args.bos, eos=args.eos)
+    print(json.dumps({"ids": ids}) if args.json else " ".join(map(str, ids)))
+
+
+def run_tokenizer_decode(args: argparse.Namespace) -> None:
+    from minillama.tokenizer import load_tokenizer
+
+    print(load_tokenizer(args.tokenizer).decode(args.ids))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -60,13 +101,147 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare a tokenized data mixture, or inspect what a batch holds")
     dsub = p.add_subparsers(dest="data_command", required=True)
     # DATA-CLI: filled in by the data work
+    q = dsub.add_parser("prepare", help="tokenize sources into shards + manifest.json (cached when unchanged)")
+    q.add_argument("--config", help="TOML file with a [data] table of [[data.sources]]")
+    q.add_argument("--input", nargs="+", metavar="PATH",
+                   help="file, directory, glob, python:docs or python:source; one source each (replaces --config's)")
+    q.add_argument("--out", required=True, help="output directory")
+    q.add_argument("--tokenizer", required=True, help="tokenizer directory or file")
+    q.add_argument("--val-fraction", type=float, help="held-out share of each source (data.val_fraction)")
+    q.add_argument("--seed", type=int, help="seed of the validation hold-out (data.seed)")
+    q.add_argument("--train-tokens", type=int, help="planned training tokens, to report the epochs they imply")
+    q.add_argument("--workers", type=int, help="tokenizer processes (default: all usable cores)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(handler=run_data_prepare)
+    q = dsub.add_parser("inspect", help="show what batch N holds: source, epoch, window, decoded start")
+    q.add_argument("dir", help="prepared data directory")
+    q.add_argument("--step", type=int, required=True, help="training step")
+    q.add_argument("--seq-len", type=int, default=256, help="sequence length of the run (default 256)")
+    q.add_argument("--batch-size", type=int, default=8, help="per-rank batch size of the run (default 8)")
+    q.add_argument("--seed", type=int, default=0, help="data seed of the run (default 0)")
+    q.add_argument("--rank", type=int, default=0)
+    q.add_argument("--world-size", type=int, default=1)
+    q.add_argument("--tokenizer", help="tokenizer to decode with (default: the copy stored with the data)")
+    q.add_argument("--verify", action="store_true", help="check every shard's sha256 first")
+    q.add_argument("--json", action="store_true", help="print JSON rows instead of text")
+    q.set_defaults(handler=run_data_inspect)
+
+
+def run_data_prepare(args: argparse.Namespace) -> None:
+    import dataclasses
+    import warnings
+
+    from minillama.data import DataWarning, data_config_from_paths, load_data_config, prepare_data
+    from minillama.data.inspect import format_manifest
+
+    if args.config is None and args.input is None:
+        raise MinillamaError("data prepare needs --config FILE or --input PATH...")
+    cfg = load_data_config(args.config) if args.config else data_config_from_paths(args.input)
+    changes = {k: getattr(args, k) for k in ("val_fraction", "seed", "train_tokens") if getattr(args, k) is not None}
+    if args.config and args.input:
+        changes["sources"] = data_config_from_paths(args.input).sources
+    cfg = dataclasses.replace(cfg, **changes)  # validates again
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", DataWarning)
+        manifest = prepare_data(cfg, args.tokenizer, args.out, workers=args.workers, progress=not args.no_progress)
+    for w in caught:
+        print(f"minillama: warning: {w.message}", file=sys.stderr)
+    print(("cached, nothing to tokenize: " if manifest["cache_hit"] else "prepared ") + str(args.out))
+    print(format_manifest(manifest))
+
+
+def run_data_inspect(args: argparse.Namespace) -> None:
+    from minillama.data import MixtureLoader
+    from minillama.data.inspect import format_inspection, inspect_batch, load_data_tokenizer
+
+    loader = MixtureLoader(args.dir, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
+                           rank=args.rank, world_size=args.world_size, verify=args.verify)
+    tokenizer = load_data_tokenizer(args.dir, args.tokenizer)
+    rows = inspect_batch(loader, args.step, tokenizer)
+    print(json.dumps(rows, indent=1) if args.json else format_inspection(loader, args.step, rows))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # train, eval, generate  (owned by minillama/train/, minillama/eval.py, minillama/infer/)
 # --------------------------------------------------------------------------------------------------------------
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
-    pass  # TRAIN-CLI: filled in by the training work
+    p = sub.add_parser("train", help="pretrain a model (no --config: the embedded default recipe)")
+    p.add_argument("--config", help="run TOML file (default: the embedded default recipe)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config field, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--data", nargs="+", metavar="PATH", help="text source(s) replacing the recipe's sources")
+    p.add_argument("--max-steps", type=int, help="optimizer steps (train.max_steps)")
+    p.add_argument("--save-every", type=int, help="checkpoint every N steps (train.save_every)")
+    p.add_argument("--seed", type=int, help="seed for init and data order (train.seed)")
+    p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=run_train)
+
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument("--data", required=True, help="a text file, or a prepared data directory (its validation split)")
+    p.add_argument("--seq-len", type=int, help="context per window (default: the model's max_seq_len)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--json", action="store_true", help="print a JSON object")
+    p.set_defaults(handler=run_eval)
+
+    p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
+    p.add_argument("--top-k", type=int, default=200)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(handler=run_generate)
+
+
+def run_train(args: argparse.Namespace) -> None:
+    from minillama.train import load_run_config, train
+    from minillama.train.setup import sample_text
+
+    overrides = list(args.overrides)
+    for flag, key in (("max_steps", "train.max_steps"), ("save_every", "train.save_every"), ("seed", "train.seed")):
+        if getattr(args, flag) is not None:
+            overrides.append(f"{key}={getattr(args, flag)}")
+    run = load_run_config(args.config, overrides, data_paths=args.data)
+    result = train(run, args.out, resume=args.resume, show_progress=not args.no_progress)
+    summary = f"step {result.step}: train loss {result.last_loss:.4f}" if result.last_loss is not None else \
+        f"step {result.step}"
+    if result.val_loss is not None:
+        summary += f", validation loss {result.val_loss:.4f}, {result.val_bpb:.4f} bits per byte"
+    print(summary)
+    if result.checkpoint is not None:
+        print(f"checkpoint: {result.checkpoint}")
+        if not result.stopped_by_signal:
+            print("sample:")
+            print(sample_text(result.checkpoint, run))
+
+
+def run_eval(args: argparse.Namespace) -> None:
+    from minillama.eval import evaluate_path
+
+    result = evaluate_path(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
+                           dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+    else:
+        print(f"loss {result.loss:.4f} nats/token  perplexity {result.perplexity:.2f}  "
+              f"{result.bits_per_byte:.4f} bits/byte  ({result.tokens:,} tokens, {result.bytes:,} bytes)")
+
+
+def run_generate(args: argparse.Namespace) -> None:
+    from minillama.checkpoint import load
+    from minillama.infer import generate
+
+    model, tokenizer = load(args.checkpoint)
+    if tokenizer is None:
+        raise MinillamaError(f"checkpoint {args.checkpoint} has no tokenizer files")
+    text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    print(args.prompt + text)
 
 
 # --------------------------------------------------------------------------------------------------------------

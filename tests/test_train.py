@@ -1,0 +1,309 @@
+"""The training recipe: schedule, optimizer groups, overfitting, exact resume after SIGKILL, and bad input."""
+
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from minillama import ModelConfig, Transformer
+from minillama.cli import main
+from minillama.errors import MinillamaError
+from minillama.train import load_run_config
+from minillama.train.config import OptimConfig
+from minillama.train.optim import build_optimizer, learning_rate
+from minillama.train.trainer import TrainStep
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+RUN_TOML = """
+[model]
+dim = 64
+n_layers = 2
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden_dim = 128
+vocab_size = 512
+max_seq_len = 64
+tie_embeddings = true
+
+[tokenizer]
+vocab_size = 512
+
+[data]
+val_fraction = 0.1
+
+[[data.sources]]
+name = "text"
+path = "{data}"
+
+[optim]
+lr = 3e-3
+warmup_steps = 5
+
+[train]
+max_steps = {max_steps}
+seq_len = 32
+batch_tokens = 256
+micro_batch_size = 4
+log_every = 1
+eval_every = 10
+eval_tokens = 1024
+save_every = {save_every}
+keep_last = 3
+sample_tokens = 20
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "shakespeare.txt"
+    text = (SHARED / "tinyshakespeare.txt").read_text()[:200_000]
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture()
+def env(tmp_path, monkeypatch):
+    """Each test its own cache, so prepared data and tokenizers never leak between tests."""
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("MINILLAMA_CACHE", str(cache))
+    return dict(os.environ, MINILLAMA_CACHE=str(cache), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def write_config(tmp_path: Path, corpus: Path, max_steps: int = 30, save_every: int = 5) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(RUN_TOML.format(data=corpus, max_steps=max_steps, save_every=save_every))
+    return path
+
+
+def read_losses(out: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The recipe's pieces
+# ------------------------------------------------------------------------------------------------------------------
+def test_warmup_then_cosine_to_ten_percent():
+    cfg = OptimConfig(lr=1.0, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = [learning_rate(s, 110, cfg) for s in range(110)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a < b for a, b in zip(lrs[:10], lrs[1:10]))  # linear warmup
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # then decays
+    assert learning_rate(110, 110, cfg) == pytest.approx(0.1)  # to 10% of the peak
+    assert lrs[60] == pytest.approx(0.1 + 0.9 * 0.5, abs=0.02)  # cosine: half way at the midpoint
+
+
+def test_weight_decay_on_matrices_only():
+    model = Transformer(ModelConfig.from_preset("tiny"))
+    optimizer = build_optimizer(model, OptimConfig())
+    decayed, plain = optimizer.param_groups
+    assert decayed["weight_decay"] == 0.1 and plain["weight_decay"] == 0.0
+    assert all(p.ndim == 2 for p in decayed["params"]) and all(p.ndim == 1 for p in plain["params"])
+    assert optimizer.defaults["betas"] == (0.9, 0.95) and optimizer.defaults["eps"] == 1e-8
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=64, ffn_hidden_dim=128, max_seq_len=32)
+    model = Transformer(cfg)
+    optimizer = build_optimizer(model, OptimConfig(lr=1e-2, weight_decay=0.0))
+    step = TrainStep(model, model, optimizer, micro_batch_size=2, grad_clip=1.0, dtype="fp32")
+    tokens = torch.randint(0, cfg.vocab_size, (4, 17))
+    losses = [step(tokens[:, :-1], tokens[:, 1:])[0] for _ in range(150)]
+    assert losses[0] > 3.5  # about ln(64) at the start
+    assert losses[-1] < 0.05
+
+
+def test_non_finite_gradients_skip_the_update():
+    cfg = ModelConfig.from_preset("tiny")
+    model = Transformer(cfg)
+    optimizer = build_optimizer(model, OptimConfig())
+    before = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        model.norm.weight[0] = float("nan")
+    step = TrainStep(model, model, optimizer, micro_batch_size=2, grad_clip=1.0, dtype="fp32")
+    tokens = torch.randint(0, cfg.vocab_size, (2, 9))
+    loss, grad_norm, finite = step(tokens[:, :-1], tokens[:, 1:])
+    assert not finite and math.isnan(loss)
+    assert all(torch.equal(a, b) for a, b in zip(before[1:], list(model.parameters())[1:]))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# End to end through the CLI
+# ------------------------------------------------------------------------------------------------------------------
+def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus, env, capsys):
+    config = write_config(tmp_path, corpus, max_steps=12, save_every=5)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert "validation loss" in printed and "sample:" in printed
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("step", "tokens", "loss", "lr", "grad_norm", "tokens_per_s", "mfu"):
+        assert key in records[0]
+    evals = [r for r in records if "val_loss" in r]
+    assert [r["step"] for r in evals] == [10, 12]
+    assert all(r["val_bpb"] > 0 for r in evals)
+    assert sorted(p.name for p in out.glob("step-*")) == ["step-0000005", "step-0000010", "step-0000012"]
+    latest = out / "step-0000012"
+    assert (latest / "config.json").exists() and (latest / "model.safetensors").exists()
+    assert (latest / "tokenizer.json").exists() and (latest / "training_state.pt").exists()
+    assert (out / "loss.png").stat().st_size > 1000
+    assert any((out / "tensorboard").iterdir())
+
+    # The checkpoint evaluates and generates through the CLI.
+    assert main(["eval", "--checkpoint", str(latest), "--data", str(corpus), "--json", "--seq-len", "64"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
+    assert main(["generate", "--checkpoint", str(latest), "--prompt", "ROMEO:", "--max-new-tokens", "10",
+                 "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("ROMEO:")
+
+
+def _run_train(config: Path, out: Path, env: dict, resume: bool = False) -> subprocess.Popen:
+    args = [sys.executable, "-m", "minillama.cli", "train", "--config", str(config), "--out", str(out),
+            "--no-progress"] + (["--resume"] if resume else [])
+    return subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus, env):
+    """SIGKILL a training subprocess at random moments (and once while it writes a checkpoint), resume until it
+    finishes, and compare every logged loss with an uninterrupted run: they must be identical floats."""
+    config = write_config(tmp_path, corpus, max_steps=40, save_every=3)
+    reference = tmp_path / "reference"
+    proc = _run_train(config, reference, env)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read().decode()
+    expected = read_losses(reference)
+    assert sorted(expected) == list(range(1, 41))
+
+    out = tmp_path / "interrupted"
+    rng = random.Random(1234)
+    kills = kills_during_save = 0
+    resume = False
+    for _attempt in range(30):
+        proc = _run_train(config, out, env, resume=resume)
+        resume = True
+        if kills < 4:
+            # Wait until training is under way, then kill at a random moment; on even attempts, kill the moment a
+            # checkpoint's temporary directory appears, i.e. in the middle of a save.
+            deadline = time.time() + 60
+            while time.time() < deadline and proc.poll() is None and not (out / "metrics.jsonl").exists():
+                time.sleep(0.01)
+            if kills % 2 == 0:
+                while proc.poll() is None and time.time() < deadline and not list(out.glob(".step-*")):
+                    time.sleep(0.0005)
+                in_save = bool(list(out.glob(".step-*")))
+            else:
+                time.sleep(rng.uniform(0.2, 2.0))
+                in_save = False
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                kills += 1
+                kills_during_save += in_save
+                continue
+        code = proc.wait(timeout=300)
+        if code == 0:
+            break
+        stderr = proc.stderr.read().decode()
+        assert "no checkpoint" in stderr, stderr  # killed before the first save: start again from scratch
+        resume = False
+    else:
+        pytest.fail("the interrupted run never finished")
+    assert kills >= 3 and kills_during_save >= 1
+    assert read_losses(out) == expected  # every step's loss, bit for bit
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Bad input: one line, exit code 2
+# ------------------------------------------------------------------------------------------------------------------
+def _error(capsys, argv) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("minillama: error:"), err
+    return err
+
+
+def test_unknown_key_and_wrong_type_name_the_key(tmp_path, corpus, capsys):
+    config = write_config(tmp_path, corpus)
+    assert "optim.lrr" in _error(capsys, ["train", "--config", str(config), "--set", "optim.lrr=1"])
+    assert "train.max_steps" in _error(capsys, ["train", "--config", str(config), "--set", "train.max_steps=abc"])
+    assert "model.preset" in _error(capsys, ["train", "--config", str(config), "--set", "model.preset=llama9"])
+
+
+def test_resume_without_checkpoint(tmp_path, corpus, env, capsys):
+    config = write_config(tmp_path, corpus)
+    assert "no checkpoint" in _error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "x"),
+                                              "--resume"])
+
+
+def test_resume_with_another_model_config(tmp_path, corpus, env, capsys):
+    config = write_config(tmp_path, corpus, max_steps=3, save_every=3)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    err = _error(capsys, ["train", "--config", str(config), "--out", str(out), "--resume", "--set",
+                          "model.n_layers=3", "--set", "train.max_steps=6"])
+    assert "another model config" in err and "model.n_layers" in err
+
+
+def test_model_vocabulary_smaller_than_tokenizer(tmp_path, corpus, env, capsys):
+    config = write_config(tmp_path, corpus)
+    err = _error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "o"), "--set",
+                          "model.vocab_size=300"])
+    assert "model.vocab_size=300" in err
+
+
+def test_missing_data_path(tmp_path, env, capsys):
+    config = write_config(tmp_path, tmp_path / "nope.txt")
+    assert "nope.txt" in _error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "o")])
+
+
+def test_no_space_on_save_keeps_previous_checkpoint(tmp_path, corpus, env, monkeypatch, capsys):
+    import errno
+
+    from minillama import checkpoint
+
+    config = write_config(tmp_path, corpus, max_steps=6, save_every=3)
+    out = tmp_path / "out"
+    real = checkpoint.save_model_files
+    calls = []
+
+    def full_disk(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_model_files", full_disk)
+    err = _error(capsys, ["train", "--config", str(config), "--out", str(out), "--no-progress"])
+    assert "no space left" in err and "step-0000003 is intact" in err
+    assert [p.name for p in out.iterdir() if p.name.startswith(("step-", ".step-"))] == ["step-0000003"]
+    from minillama.checkpoint import load
+
+    model, _ = load(out / "step-0000003")
+    assert model.cfg.n_layers == 2
+
+
+def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, corpus, env, capsys):
+    config = write_config(tmp_path, corpus)
+    err = _error(capsys, ["train", "--config", str(config), "--out", str(tmp_path / "o"), "--no-progress",
+                          "--set", "optim.lr=1e30", "--set", "optim.warmup_steps=1", "--set", "train.max_bad_steps=2"])
+    assert "non-finite" in err and "at step" in err
+
+
+def test_default_recipe_config_loads():
+    run = load_run_config()
+    assert [s.path for s in run.data.sources] == [["python:docs"], ["python:source"]]
+    assert run.optim.beta1 == 0.9 and run.optim.beta2 == 0.95 and run.optim.weight_decay == 0.1
+    with pytest.raises(MinillamaError, match="train.batch_tokens"):
+        load_run_config(overrides=["train.batch_tokens=100"])
