@@ -114,11 +114,12 @@ def add_data_commands(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(handler=run_data_prepare)
     q = dsub.add_parser("inspect", help="show what batch N holds: source, epoch, window, decoded start")
-    q.add_argument("dir", help="prepared data directory")
-    q.add_argument("--step", type=int, required=True, help="training step")
-    q.add_argument("--seq-len", type=int, default=256, help="sequence length of the run (default 256)")
-    q.add_argument("--batch-size", type=int, default=8, help="per-rank batch size of the run (default 8)")
-    q.add_argument("--seed", type=int, default=0, help="data seed of the run (default 0)")
+    q.add_argument("dir", help="prepared data directory, or a training run's --out directory (its run.json "
+                               "names the data and the run's seq_len, batch size and seed)")
+    q.add_argument("--step", type=int, required=True, help="training step (0-based: the batch of update N+1)")
+    q.add_argument("--seq-len", type=int, help="sequence length of the run (default: the run's, else 256)")
+    q.add_argument("--batch-size", type=int, help="per-rank batch size of the run (default: the run's, else 8)")
+    q.add_argument("--seed", type=int, help="data seed of the run (default: the run's, else 0)")
     q.add_argument("--rank", type=int, default=0)
     q.add_argument("--world-size", type=int, default=1)
     q.add_argument("--tokenizer", help="tokenizer to decode with (default: the copy stored with the data)")
@@ -153,7 +154,16 @@ def run_data_prepare(args: argparse.Namespace) -> None:
 def run_data_inspect(args: argparse.Namespace) -> None:
     from minillama.data import MixtureLoader
     from minillama.data.inspect import format_inspection, inspect_batch, load_data_tokenizer
+    from minillama.train.setup import read_run_record
 
+    run = read_run_record(args.dir)  # None for a prepared data directory
+    if run is not None:
+        args.dir = run["data_dir"]
+    defaults = dict(seq_len=256, batch_size=8, seed=0) if run is None else \
+        dict(seq_len=run["seq_len"], batch_size=run["per_rank_batch_size"], seed=run["seed"])
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     loader = MixtureLoader(args.dir, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
                            rank=args.rank, world_size=args.world_size, verify=args.verify)
     tokenizer = load_data_tokenizer(args.dir, args.tokenizer)
@@ -248,7 +258,73 @@ def run_generate(args: argparse.Namespace) -> None:
 # plan  (owned by minillama/plan/)
 # --------------------------------------------------------------------------------------------------------------
 def add_plan_commands(sub: argparse._SubParsersAction) -> None:
-    pass  # PLAN-CLI: filled in by the planner work
+    p = sub.add_parser("plan", help="what a training or serving run costs: FLOPs, memory, GPUs, days, $, energy",
+                       description="Counts such as --tokens take 1.4e12, 1.4T or 1,400,000,000,000. Sources of "
+                                   "every formula: docs/plan.md and the table's footnotes.")
+    model = p.add_argument_group("model (one of)")
+    model.add_argument("--model", metavar="PRESET", help="a preset (see `minillama presets`)")
+    model.add_argument("--config", metavar="FILE", help="a run TOML: its [model] table, and [train] defaults")
+    model.add_argument("--params", metavar="N", help="a bare parameter count (quick sums; no attention/KV terms)")
+    train = p.add_argument_group("training")
+    train.add_argument("--tokens", metavar="D", help="training tokens (default: 20 per parameter)")
+    train.add_argument("--gpu", default="h100-sxm", help="hardware: a table entry, or cpu (measured once)")
+    train.add_argument("--gpus", metavar="N", help="GPU count (default: dp x tp x pp, else 1)")
+    train.add_argument("--mfu", help="model FLOPs utilisation in (0, 1] (default 0.4)")
+    train.add_argument("--tokens-per-s-per-gpu", metavar="R", help="throughput instead of --mfu")
+    train.add_argument("--flops-per-s-per-gpu", metavar="F", help="achieved model FLOP/s per GPU instead of --mfu")
+    train.add_argument("--flops-basis", choices=["counted", "6nd"], default="counted",
+                       help="FLOPs per token that --mfu/--flops-per-s-per-gpu refer to (default: counted, as the "
+                            "trainer's MFU; 6nd as papers quoting C = 6ND)")
+    train.add_argument("--gpu-hours", metavar="H", help="GPU-hours spent (instead of computing them)")
+    train.add_argument("--price-per-gpu-hour", metavar="USD", help="dollars per GPU-hour")
+    train.add_argument("--power-w", metavar="W", help="power per GPU (default: the chip's TDP)")
+    train.add_argument("--pue", default="1.1", help="data-centre power usage effectiveness (default 1.1)")
+    train.add_argument("--grid-kgco2-per-kwh", default="0.385", help="grid carbon intensity (default 0.385)")
+    train.add_argument("--seq-len", metavar="T", help="training sequence length (default: the model's)")
+    train.add_argument("--batch-tokens", metavar="B", help="global batch in tokens (default: one micro-batch per GPU)")
+    train.add_argument("--micro-batch", metavar="S", help="sequences per GPU per forward pass (default 1)")
+    train.add_argument("--dp", metavar="N", help="data-parallel ranks")
+    train.add_argument("--tp", metavar="N", help="tensor-parallel ranks (default 1)")
+    train.add_argument("--pp", metavar="N", help="pipeline stages (default 1)")
+    train.add_argument("--zero", choices=["0", "1", "2", "3", "fsdp"], default="0",
+                       help="ZeRO stage over dp: 1 optimizer, 2 + gradients, 3 (= fsdp) + weights")
+    train.add_argument("--activation-checkpointing", choices=["none", "selective", "full"])
+    train.add_argument("--precision", choices=["bf16", "fp32", "mixed", "pure-bf16"],
+                       help="bf16: autocast over fp32 weights (our trainer; default); mixed: 16-bit weights and "
+                            "gradients + fp32 master in the optimizer (ZeRO paper); pure-bf16: everything bf16")
+    infer = p.add_argument_group("inference")
+    infer.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="bf16", help="weight dtype")
+    infer.add_argument("--context", metavar="T", help="tokens per sequence in the KV cache (default: --seq-len)")
+    infer.add_argument("--batch", default="1", metavar="N", help="concurrent sequences (default 1)")
+    budget = p.add_argument_group("budget mode and projection")
+    budget.add_argument("--budget-gpu-hours", metavar="H")
+    budget.add_argument("--budget-dollars", metavar="USD")
+    budget.add_argument("--budget-flops", metavar="C")
+    budget.add_argument("--year", metavar="Y", help="project the cost to year Y")
+    budget.add_argument("--doubling-years", default="2.5",
+                        help="FLOP/s-per-dollar doubling time (Epoch AI: 2.5; 'halving every two years': 2)")
+    budget.add_argument("--base-year", metavar="Y", help="the year the price holds (default: this year)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON (stable keys)")
+    p.add_argument("--explain", action="store_true", help="print each formula with its numbers substituted")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> None:
+    from minillama.plan import PlanOptions, format_explain, format_plan, make_plan, plan_json
+
+    names = ["model", "config", "params", "tokens", "gpu", "gpus", "mfu", "tokens_per_s_per_gpu",
+             "flops_per_s_per_gpu", "flops_basis", "gpu_hours", "price_per_gpu_hour", "power_w", "pue",
+             "grid_kgco2_per_kwh", "seq_len", "batch_tokens", "micro_batch", "dp", "tp", "pp", "zero",
+             "activation_checkpointing", "precision", "dtype", "context", "batch", "budget_gpu_hours",
+             "budget_dollars", "budget_flops", "year", "doubling_years", "base_year"]
+    plan = make_plan(PlanOptions(**{name: getattr(args, name) for name in names}))
+    if args.json:
+        print(plan_json(plan, explain=args.explain))
+        return
+    print(format_plan(plan))
+    if args.explain:
+        print()
+        print(format_explain(plan))
 
 
 def build_parser() -> argparse.ArgumentParser:

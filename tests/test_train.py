@@ -162,6 +162,17 @@ def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus, env, capsys
     assert (out / "loss.png").stat().st_size > 1000
     assert any((out / "tensorboard").iterdir())
 
+    # `data inspect` on the run directory shows what the run was fed at a step (its run.json names the data).
+    record = json.loads((out / "run.json").read_text())
+    assert record["seq_len"] == 32 and record["per_rank_batch_size"] == 8
+    assert main(["data", "inspect", str(out), "--step", "3", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    from minillama.data import MixtureLoader
+
+    inputs, _ = MixtureLoader(record["data_dir"], seq_len=32, batch_size=8, seed=record["seed"]).batch(3)
+    assert len(rows) == 8 and all(row["source"] == "text" and row["start_text"] for row in rows)
+    assert [row["start_ids"] for row in rows] == inputs[:, :32].tolist()  # exactly what the run saw
+
     # The checkpoint evaluates and generates through the CLI.
     assert main(["eval", "--checkpoint", str(latest), "--data", str(corpus), "--json", "--seq-len", "64"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -32,6 +32,7 @@ def _sources_key(run) -> str:
 
 def resolve_tokenizer(run, show_progress: bool = True):
     """The run's tokenizer: `tokenizer.path` if given, else a BPE trained on the run's sources (cached)."""
+    from minillama.data import source_texts
     from minillama.tokenizer import load_tokenizer, train_bpe_from_texts
 
     spec = run.tokenizer
@@ -41,20 +42,9 @@ def resolve_tokenizer(run, show_progress: bool = True):
     target = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-{_sources_key(run)}"
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
-    tokenizer = train_bpe_from_texts(_source_texts(run), vocab_size, show_progress=show_progress)
+    tokenizer = train_bpe_from_texts(source_texts(run.data), vocab_size, show_progress=show_progress)
     tokenizer.save(target)
     return load_tokenizer(target)
-
-
-def _source_texts(run):
-    """Every document of the run's sources, as text, in source order."""
-    from minillama.data.sources import document_units, read_unit, resolve_source
-
-    for source in run.data.sources:
-        for unit in document_units(resolve_source(source), source.text_field):
-            documents, _invalid_bytes, _skipped = read_unit(unit)
-            for _index, text in documents:
-                yield text
 
 
 def prepare_run_data(run, tokenizer, show_progress: bool = True) -> Path:
@@ -93,3 +83,26 @@ def sample_text(checkpoint: Path, run, max_new_tokens: int | None = None) -> str
     text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens or run.train.sample_tokens,
                     temperature=0.8, top_k=200, seed=run.train.seed)
     return prompt + text
+
+
+RUN_RECORD = "run.json"
+
+
+def write_run_record(out_dir: Path, run, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
+    """OUT/run.json: the resolved config and where its data lives, so `minillama data inspect OUT --step N`
+    can show exactly what the run was fed."""
+    record = dict(config=run.to_dict(), data_dir=str(data_dir), seq_len=run.train.seq_len, seed=run.train.seed,
+                  per_rank_batch_size=per_rank_batch_size, world_size=world_size)
+    tmp = out_dir / f".{RUN_RECORD}.tmp"
+    tmp.write_text(json.dumps(record, indent=2))
+    os.replace(tmp, out_dir / RUN_RECORD)
+
+
+def read_run_record(directory: str | Path) -> dict | None:
+    path = Path(directory) / RUN_RECORD
+    if not path.is_file() or (Path(directory) / "manifest.json").exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise MinillamaError(f"{path}: not valid JSON ({exc})") from None

@@ -166,7 +166,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     """Train `run` into `out_dir` (checkpoints, metrics.jsonl, tensorboard/, loss.png)."""
     from minillama.data import MixtureLoader
     from minillama.train.parallelize import DistributedContext, parallelize
-    from minillama.train.setup import prepare_run
+    from minillama.train.setup import prepare_run, write_run_record
 
     out_dir = Path(out_dir)
     tcfg, ocfg = run.train, run.optim
@@ -192,6 +192,8 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         raise MinillamaError(f"train.micro_batch_size={micro} does not divide the {per_rank_batch} sequences "
                              "per rank and step")
 
+    if dist.is_main:
+        write_run_record(out_dir, run, data_dir, per_rank_batch, dist.world_size)
     train_data = MixtureLoader(data_dir, seq_len=tcfg.seq_len, batch_size=per_rank_batch, seed=tcfg.seed,
                                rank=dist.rank, world_size=dist.world_size, split="train",
                                tokenizer_fingerprint=tokenizer.fingerprint)
