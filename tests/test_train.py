@@ -236,6 +236,21 @@ def test_resume_after_sigkill_is_bit_exact(tmp_path, corpus, env):
     assert read_losses(out) == expected  # every step's loss, bit for bit
 
 
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path, corpus, env):
+    config = write_config(tmp_path, corpus, max_steps=100000, save_every=100000)
+    out = tmp_path / "out"
+    proc = _run_train(config, out, env)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    saved = [p.name for p in out.glob("step-*")]
+    assert len(saved) == 1
+    assert int(saved[0].split("-")[1]) == max(read_losses(out))  # saved at the last finished step
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # Bad input: one line, exit code 2
 # ------------------------------------------------------------------------------------------------------------------
@@ -320,3 +335,12 @@ def test_default_recipe_config_loads():
     assert run.optim.beta1 == 0.9 and run.optim.beta2 == 0.95 and run.optim.weight_decay == 0.1
     with pytest.raises(MinillamaError, match="train.batch_tokens"):
         load_run_config(overrides=["train.batch_tokens=100"])
+
+
+@pytest.mark.parametrize("name", ["default", "shakespeare", "gpu-125m", "gpu-1b"])
+def test_every_shipped_recipe_loads(name):
+    from minillama.train.config import CONFIG_DIR
+
+    run = load_run_config(CONFIG_DIR / f"{name}.toml")
+    assert run.optim.beta2 == 0.95 and run.optim.min_lr_ratio == 0.1 and run.optim.grad_clip == 1.0
+    assert run.train.seq_len <= run.model.max_seq_len
