@@ -293,7 +293,8 @@ def add_plan_commands(sub: argparse._SubParsersAction) -> None:
                        help="bf16: autocast over fp32 weights (our trainer; default); mixed: 16-bit weights and "
                             "gradients + fp32 master in the optimizer (ZeRO paper); pure-bf16: everything bf16")
     infer = p.add_argument_group("inference")
-    infer.add_argument("--dtype", choices=["fp32", "bf16", "int8", "int4"], default="bf16", help="weight dtype")
+    infer.add_argument("--dtype", choices=["fp32", "bf16", "fp16", "int8", "int4"], default="bf16",
+                       help="weight dtype")
     infer.add_argument("--context", metavar="T", help="tokens per sequence in the KV cache (default: --seq-len)")
     infer.add_argument("--batch", default="1", metavar="N", help="concurrent sequences (default 1)")
     budget = p.add_argument_group("budget mode and projection")

@@ -188,6 +188,8 @@ class Transformer(nn.Module):
     def init_weights(self, std: float = 0.02) -> None:
         """Normal(0, 0.02) weights; the projections that write into the residual stream (wo, w2) scaled by
         1/sqrt(2 * n_layers) so the stream's variance does not grow with depth (GPT-2 §2.3)."""
+        if self.cfg.tie_embeddings:  # `to_empty` gives every module its own new tensor: tie them again
+            self.output.weight = self.tok_embeddings.weight
         self.reset_buffers()
         residual_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, module in self.named_modules():

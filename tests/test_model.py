@@ -50,6 +50,8 @@ def test_meta_model_materialises_with_init_weights():
     model.init_weights()
     logits = model(torch.randint(0, cfg.vocab_size, (1, 8)))
     assert torch.isfinite(logits).all()
+    assert model.output.weight is model.tok_embeddings.weight  # still tied after to_empty
+    assert model.num_params() == count_parameters(cfg)
     assert model.rope_inv_freq[0].item() == 1.0
 
 

@@ -219,8 +219,9 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
 
     train_step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=ocfg.grad_clip,
                            dtype=tcfg.dtype, dist=dist)
+    peak = device_peak_flops(device, tcfg.dtype)  # None for a GPU missing from the table: no MFU then
     throughput = Throughput(flops_per_token(model_cfg, tcfg.seq_len, training=True) * dist.world_size,
-                            device_peak_flops(device, tcfg.dtype) * dist.world_size)
+                            peak * dist.world_size if peak else None)
     log = MetricsLog(out_dir, resume_step=start_step if resume else None) if dist.is_main else None
     bad_in_a_row = state["bad_in_a_row"] if state else 0
     bad_total = state["bad_total"] if state else 0

@@ -1,0 +1,294 @@
+"""The planner's training-memory estimate against what a real training step uses.
+
+    python benchmarks/plan_vs_measured.py                 # CPU: tiny, 15m, 50m in bf16 autocast and fp32
+    python benchmarks/plan_vs_measured.py --device cuda   # GPU: 125m and 1b (bf16)
+
+CPU: each configuration runs in a fresh subprocess (so peaks do not mix) that builds the model, then reads the
+peak resident set size (VmHWM, reset through /proc/self/clear_refs) over a few forward + backward + AdamW steps.
+The measured figure is the growth of RSS above the process with the model built; the planned figure is the
+planner's peak less its weights part. glibc is told to serve large blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed
+memory leaves the process and RSS tracks live tensors.
+CUDA: torch.cuda.max_memory_allocated over the same steps against the planner's total.
+
+Each row also takes a census of the tensors autograd saves for one block (saved_tensors_hooks, deduplicated by
+storage) and compares it with the planner's per-layer activation formula, so a mismatch can be traced to the
+activation model (e.g. an attention kernel that keeps the T x T matrix) or to everything else.
+
+The training step is the trainer's own (`minillama.train.trainer.TrainStep`: autocast, fp32 cross-entropy,
+backward, clip, fused AdamW, zero_grad(set_to_none)); `minimal_train_step` below is the same recipe, used when
+the trainer cannot be imported. Results: a table on stdout and JSON in benchmarks/out/plan_vs_measured.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+CPU_RUNS = [  # (preset, micro-batch, seq_len, accumulation, activation checkpointing)
+    ("tiny", 8, 256, 1, "none"), ("tiny", 4, 256, 2, "none"), ("15m", 4, 512, 1, "none"),
+    ("15m", 4, 512, 1, "full"), ("50m", 2, 1024, 1, "none"),
+]
+CUDA_RUNS = [("125m", 8, 2048, 1, "none"), ("125m", 8, 2048, 1, "full"), ("1b", 4, 2048, 1, "none"),
+             ("1b", 4, 2048, 1, "full")]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# The training step: the trainer's, or the same recipe written out.
+# --------------------------------------------------------------------------------------------------------------
+def minimal_train_step(model, optimizer, micro_batch: int, dtype: str):
+    """forward under bf16 autocast (or none for fp32), fp32 cross-entropy, backward, clip, AdamW, zero_grad."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+
+    def step(inputs, targets):
+        accumulation = inputs.shape[0] // micro_batch
+        for i in range(accumulation):
+            x, y = inputs[i * micro_batch:(i + 1) * micro_batch], targets[i * micro_batch:(i + 1) * micro_batch]
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                logits = model(x)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
+                del logits
+                (loss / accumulation).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def build_training(cfg, device: str, dtype: str, micro_batch: int, activation_checkpointing: str):
+    """Model (meta -> device -> init_weights, as the trainer does), optimizer and step function."""
+    import torch
+
+    from minillama.model import Transformer
+
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights()
+    if cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
+        # Module.to_empty gives every module a new Parameter, which unties a tied output projection (torch 2.x):
+        # the model would train V x C more weights (and their gradients and AdamW states) than it describes.
+        # Tie it back, as the constructor does, so the benchmark measures the model the planner plans.
+        model.output.weight = model.tok_embeddings.weight
+    try:
+        from minillama.train.config import OptimConfig
+        from minillama.train.optim import build_optimizer
+
+        optimizer = build_optimizer(model, OptimConfig())
+    except ImportError:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
+    if activation_checkpointing == "full":
+        from minillama.train.parallelize import apply_activation_checkpointing
+
+        apply_activation_checkpointing(model)
+    try:
+        from minillama.train.trainer import TrainStep
+
+        train_step = TrainStep(model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
+
+        def step(inputs, targets):
+            train_step(inputs, targets)
+
+        return model, step, "minillama.train.trainer.TrainStep"
+    except ImportError:
+        return model, minimal_train_step(model, optimizer, micro_batch, dtype), "benchmark minimal step"
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Measurements
+# --------------------------------------------------------------------------------------------------------------
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> float:
+    """Bytes per token autograd saves for one block, by census: (saved with 2 layers - saved with 1 layer),
+    leaving out parameters and autocast's weight copies, divided by the tokens."""
+    import dataclasses
+
+    import torch
+    import torch.nn.functional as F
+
+    from minillama.model import Transformer
+    from minillama.plan.flops import layer_matmul_params
+
+    def census(n_layers: int) -> int:
+        small = dataclasses.replace(cfg, n_layers=n_layers)
+        torch.manual_seed(0)
+        model = Transformer(small).to(device)
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept: dict[int, int] = {}
+
+        def pack(t):
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in params:
+                kept[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        seq = min(tokens, cfg.max_seq_len)
+        x = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq), seq), device=device)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        return sum(kept.values())
+
+    weight_copies = 2 * sum(layer_matmul_params(cfg).values()) if dtype == "bf16" else 0
+    return (census(2) - census(1) - weight_copies) / tokens
+
+
+def planned(cfg, micro_batch: int, seq_len: int, dtype: str, accumulation: int, ac: str) -> dict:
+    from minillama.plan.memory import layer_activation_bytes, training_memory
+    from minillama.plan.planner import parameter_counts
+
+    params = parameter_counts(cfg)[0]
+    plan = training_memory(cfg, params, micro_batch=micro_batch, seq_len=seq_len, precision=dtype,
+                           activation_checkpointing=ac, grad_accum=accumulation)
+    plan["layer_activation_bytes_per_token"] = layer_activation_bytes(cfg, dtype, "none")
+    return plan
+
+
+def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: str, dtype: str, device: str,
+            steps: int) -> dict:
+    """One configuration in this process: the measured peak and the planner's figures."""
+    import torch
+
+    from minillama.config import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset)
+    torch.manual_seed(0)
+    batch = micro_batch * accumulation
+    data = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
+    inputs, targets = data[:, :-1].to(device), data[:, 1:].to(device)
+    plan = planned(cfg, micro_batch, seq_len, dtype, accumulation, ac)
+    # Warm-up on a throwaway model of the same shape and batch: the first step pages in kernel code, starts
+    # thread pools and JIT-compiles kernels for these shapes (oneDNN keeps them in its primitive cache). None of
+    # that is training memory; all of it would count in RSS.
+    warm_model, warm_step, _ = build_training(cfg, device, dtype, micro_batch, ac)
+    warm_step(inputs, targets)
+    del warm_model, warm_step
+    gc.collect()
+    if device == "cpu":
+        rss_before_model_kib = _proc_status_kib("VmRSS")
+    model, step, step_name = build_training(cfg, device, dtype, micro_batch, ac)
+    gc.collect()
+    start = time.perf_counter()
+    if device == "cpu":
+        baseline = _proc_status_kib("VmRSS") * 1024
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset VmHWM to the current RSS
+        for _ in range(steps):
+            step(inputs, targets)
+        peak = _proc_status_kib("VmHWM") * 1024
+        measured = peak - baseline
+        planned_figure = plan["total"] - plan["weights"]
+        weights_measured = baseline - rss_before_model_kib * 1024
+    else:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for _ in range(steps):
+            step(inputs, targets)
+        torch.cuda.synchronize()
+        measured = torch.cuda.max_memory_allocated()
+        planned_figure = plan["total"]
+        weights_measured = None
+    seconds_per_step = (time.perf_counter() - start) / steps
+    del model, step
+    gc.collect()
+    census = saved_bytes_per_layer(cfg, device, dtype)
+    return dict(preset=preset, device=device, dtype=dtype, micro_batch=micro_batch, seq_len=seq_len,
+                accumulation=accumulation, activation_checkpointing=ac, steps=steps, train_step=step_name,
+                measured_bytes=measured, planned_bytes=planned_figure, ratio=measured / planned_figure,
+                what=("RSS growth above the built model vs planned total - weights" if device == "cpu"
+                      else "max_memory_allocated vs planned total"),
+                weights_rss_bytes=weights_measured, planned_weights_bytes=plan["weights"],
+                planned_parts={k: plan[k] for k in ("weights", "gradients", "optimizer", "activations",
+                                                    "working_weights", "total")},
+                planned_peak_phase=plan["peak_phase"], census_layer_bytes_per_token=census,
+                planned_layer_bytes_per_token=plan["layer_activation_bytes_per_token"],
+                seconds_per_step=seconds_per_step, torch=torch.__version__)
+
+
+def run_cpu_subprocess(run: tuple, dtype: str, steps: int) -> dict:
+    preset, micro, seq, accum, ac = run
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
+    cmd = [sys.executable, __file__, "--worker", json.dumps([preset, micro, seq, accum, ac, dtype, steps])]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if out.returncode != 0:
+        raise RuntimeError(f"worker {run} {dtype} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(rows: list[dict]) -> None:
+    header = ["preset", "dtype", "batch", "accum", "AC", "measured MB", "planned MB", "ratio", "peak phase",
+              "layer B/tok census/plan", "s/step"]
+    cells = [[r["preset"], r["dtype"], f"{r['micro_batch']}x{r['seq_len']}", str(r["accumulation"]),
+              r["activation_checkpointing"], f"{r['measured_bytes'] / 1e6:,.1f}", f"{r['planned_bytes'] / 1e6:,.1f}",
+              f"{r['ratio']:.3f}", r["planned_peak_phase"],
+              f"{r['census_layer_bytes_per_token']:,.0f}/{r['planned_layer_bytes_per_token']:,}",
+              f"{r['seconds_per_step']:.2f}"] for r in rows]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for c in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(c, widths)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp32 (cpu default both; cuda bf16)")
+    parser.add_argument("--presets", default=None, help="comma-separated subset of the runs' presets")
+    parser.add_argument("--steps", type=int, default=2, help="training steps measured per configuration")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "plan_vs_measured.json"))
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        preset, micro, seq, accum, ac, dtype, steps = json.loads(args.worker)
+        print(json.dumps(measure(preset, micro, seq, accum, ac, dtype, "cpu", steps)))
+        return
+
+    runs = CPU_RUNS if args.device == "cpu" else CUDA_RUNS
+    if args.presets:
+        runs = [r for r in runs if r[0] in args.presets.split(",")]
+    dtypes = (args.dtypes or ("bf16,fp32" if args.device == "cpu" else "bf16")).split(",")
+    rows = []
+    for run in runs:
+        for dtype in dtypes:
+            if args.device == "cpu":
+                row = run_cpu_subprocess(run, dtype, args.steps)
+            else:
+                import torch
+
+                row = measure(*run, dtype=dtype, device="cuda", steps=args.steps)
+                torch.cuda.empty_cache()
+            rows.append(row)
+            print(f"{row['preset']} {dtype} {run[1]}x{run[2]} accum {run[3]} AC {run[4]}: measured "
+                  f"{row['measured_bytes'] / 1e6:,.1f} MB, planned {row['planned_bytes'] / 1e6:,.1f} MB, "
+                  f"ratio {row['ratio']:.3f}", flush=True)
+    print()
+    print_table(rows)
+    worst = max(abs(r["ratio"] - 1) for r in rows)
+    print(f"\nworst |ratio - 1| = {worst:.3f} (target <= 0.15)")
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(dict(device=args.device, rows=rows, worst_abs_error=worst), indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
