@@ -115,3 +115,19 @@ def test_contradictory_config_fields_are_named(fields, message):
 def test_unknown_preset_lists_known_ones():
     with pytest.raises(MinillamaError, match="unknown preset 'llama9-1t'.*llama3-8b"):
         ModelConfig.from_preset("llama9-1t")
+
+
+def test_presets_command_table_and_json(capsys):
+    import json
+
+    from minillama.cli import main
+
+    assert main(["presets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    by_name = {row["name"]: row for row in rows}
+    assert set(by_name) == set(PRESETS)
+    assert all(by_name[name]["params"] == count for name, count in EXACT_COUNTS.items())
+    assert main(["presets"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0].split() == ["name", "params", "layers", "dim", "heads", "kv_heads", "ffn", "vocab", "context"]
+    assert any(line.split()[:2] == ["llama3.1-405b", "405,853,388,800"] for line in table)
