@@ -3,12 +3,17 @@
     python benchmarks/plan_vs_measured.py                 # CPU: tiny, 15m, 50m in bf16 autocast and fp32
     python benchmarks/plan_vs_measured.py --device cuda   # GPU: 125m and 1b (bf16)
 
-CPU: each configuration runs in a fresh subprocess (so peaks do not mix) that builds the model, then reads the
-peak resident set size (VmHWM, reset through /proc/self/clear_refs) over a few forward + backward + AdamW steps.
-The measured figure is the growth of RSS above the process with the model built; the planned figure is the
-planner's peak less its weights part. glibc is told to serve large blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed
-memory leaves the process and RSS tracks live tensors.
-CUDA: torch.cuda.max_memory_allocated over the same steps against the planner's total.
+Each configuration runs in a fresh subprocess, so nothing one configuration leaves behind (tensors, caches, a
+leak) counts in another's peak. CPU: the worker builds the model, then reads the peak resident set size (VmHWM,
+reset through /proc/self/clear_refs) over a few forward + backward + AdamW steps. The measured figure is the
+growth of RSS above the process with the model built; the planned figure is the planner's peak less its weights
+part. glibc is told to serve large blocks by mmap (MALLOC_MMAP_THRESHOLD_) so freed memory leaves the process and
+RSS tracks live tensors.
+CUDA: torch.cuda.max_memory_allocated over the same steps against the planner's total. The row also records what
+the process held before the configuration began (`allocated_before_bytes`, 0 in a fresh process). Before each row
+had its own process and the census below stopped leaking its models (see `saved_bytes_per_layer`), every CUDA row
+after the first carried the censuses of the rows before it (509 MB per 125m row, 2,262 MB per 1b row): that is
+what made 125m and 1b with full checkpointing read 1.067 and 1.168.
 
 Each row also takes a census of the tensors autograd saves for one block (saved_tensors_hooks, deduplicated by
 storage) and compares it with the planner's per-layer activation formula, so a mismatch can be traced to the
@@ -119,7 +124,13 @@ def _proc_status_kib(field: str) -> int:
 
 def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> float:
     """Bytes per token autograd saves for one block, by census: (saved with 2 layers - saved with 1 layer),
-    leaving out parameters and autocast's weight copies, divided by the tokens."""
+    leaving out parameters and autocast's weight copies, divided by the tokens.
+
+    The pack hook keeps each saved tensor in a list of its own (so storage addresses stay distinct while the census
+    runs) and hands autograd a placeholder. Returning the tensor itself from the hook would make a reference cycle
+    for every tensor saved by the op that produced it (tensor -> grad_fn -> saved slot -> tensor) that Python's gc
+    cannot see into: the census models, their graphs and autocast's weight copies would then live for the rest of
+    the process (509 MB for 125m, 2,262 MB for 1b) and count in every later CUDA row's max_memory_allocated."""
     import dataclasses
 
     import torch
@@ -134,18 +145,21 @@ def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> fl
         model = Transformer(small).to(device)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept: dict[int, int] = {}
+        alive: list = []  # the saved tensors, held here rather than by the graph
 
         def pack(t):
             storage = t.untyped_storage()
             if storage.data_ptr() not in params:
                 kept[storage.data_ptr()] = storage.nbytes()
-            return t
+            alive.append(t)
+            return None  # never unpacked: no backward runs
 
         seq = min(tokens, cfg.max_seq_len)
         x = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq), seq), device=device)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
                 F.cross_entropy(model(x).float().flatten(0, 1), x.flatten())
+        alive.clear()
         return sum(kept.values())
 
     weight_copies = 2 * sum(layer_matmul_params(cfg).values()) if dtype == "bf16" else 0
@@ -171,6 +185,7 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
     from minillama.config import ModelConfig
 
     cfg = ModelConfig.from_preset(preset)
+    allocated_before = torch.cuda.memory_allocated() if device != "cpu" else None  # leftovers, if any
     torch.manual_seed(0)
     batch = micro_batch * accumulation
     data = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
@@ -217,6 +232,7 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
                 what=("RSS growth above the built model vs planned total - weights" if device == "cpu"
                       else "max_memory_allocated vs planned total"),
                 weights_rss_bytes=weights_measured, planned_weights_bytes=plan["weights"],
+                allocated_before_bytes=allocated_before,
                 planned_parts={k: plan[k] for k in ("weights", "gradients", "optimizer", "activations",
                                                     "working_weights", "total")},
                 planned_peak_phase=plan["peak_phase"], census_layer_bytes_per_token=census,
@@ -224,13 +240,14 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
                 seconds_per_step=seconds_per_step, torch=torch.__version__)
 
 
-def run_cpu_subprocess(run: tuple, dtype: str, steps: int) -> dict:
+def run_subprocess(run: tuple, dtype: str, steps: int, device: str = "cpu") -> dict:
+    """`measure` for one configuration in a fresh Python process (its JSON is the last line of stdout)."""
     preset, micro, seq, accum, ac = run
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, __file__, "--worker", json.dumps([preset, micro, seq, accum, ac, dtype, steps])]
+    cmd = [sys.executable, __file__, "--worker", json.dumps([preset, micro, seq, accum, ac, dtype, steps, device])]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if out.returncode != 0:
-        raise RuntimeError(f"worker {run} {dtype} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"worker {run} {dtype} on {device} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -258,8 +275,8 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        preset, micro, seq, accum, ac, dtype, steps = json.loads(args.worker)
-        print(json.dumps(measure(preset, micro, seq, accum, ac, dtype, "cpu", steps)))
+        preset, micro, seq, accum, ac, dtype, steps, device = json.loads(args.worker)
+        print(json.dumps(measure(preset, micro, seq, accum, ac, dtype, device, steps)))
         return
 
     runs = CPU_RUNS if args.device == "cpu" else CUDA_RUNS
@@ -269,17 +286,13 @@ def main() -> None:
     rows = []
     for run in runs:
         for dtype in dtypes:
-            if args.device == "cpu":
-                row = run_cpu_subprocess(run, dtype, args.steps)
-            else:
-                import torch
-
-                row = measure(*run, dtype=dtype, device="cuda", steps=args.steps)
-                torch.cuda.empty_cache()
+            row = run_subprocess(run, dtype, args.steps, args.device)
             rows.append(row)
+            before = row.get("allocated_before_bytes")
             print(f"{row['preset']} {dtype} {run[1]}x{run[2]} accum {run[3]} AC {run[4]}: measured "
                   f"{row['measured_bytes'] / 1e6:,.1f} MB, planned {row['planned_bytes'] / 1e6:,.1f} MB, "
-                  f"ratio {row['ratio']:.3f}", flush=True)
+                  f"ratio {row['ratio']:.3f}" + ("" if before is None else
+                                                 f", allocated before the row {before / 1e6:,.1f} MB"), flush=True)
     print()
     print_table(rows)
     worst = max(abs(r["ratio"] - 1) for r in rows)

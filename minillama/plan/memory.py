@@ -25,7 +25,12 @@ bf16 input and the fp32 log-softmax (4V), and the loss's backward briefly holds 
 
 Activation checkpointing of each block (torch.utils.checkpoint, non-reentrant) keeps only the block input (4C in
 fp32 residual) and recomputes one block at a time in backward; "selective" keeps the outputs of matmuls and of
-attention and recomputes norms, RoPE and SwiGLU's pointwise ops (torchtitan's op-level selective AC).
+attention and recomputes norms, RoPE and SwiGLU's pointwise ops (torchtitan's op-level selective AC). The bf16
+weight copies are counted as held through backward, as they are on CPU. On CUDA, backward runs on autograd's
+device thread, and the first recompute leaves its autocast region there (autocast's nesting count is per thread,
+its cast cache process-wide), which empties the cache: from then on only the recomputed block's copies exist, so
+the later phases sit below this estimate, never above it (for the 125m and 1b benchmark rows the peak stays at the
+loss's backward either way).
 
 The peak is the largest of a few moments of the step: the loss's backward (all activations live), the output
 head's backward, the first recomputed block, and the end of backward (all gradients live). Gradients persist
