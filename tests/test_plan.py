@@ -326,3 +326,17 @@ def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, expected):
     assert main(["plan", *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("minillama: error:") and expected in err
+
+
+def test_budget_mode_without_a_model_plans_the_nearest_preset(capsys):
+    from minillama.cli import main
+
+    assert main(["plan", "--budget-gpu-hours", "100000", "--gpu", "h100-sxm", "--gpus", "64", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    budget = plan["budget"]
+    assert plan["model"] == budget["nearest_preset"]
+    # The tokens planned are those the budget's FLOPs buy the preset under C = 6ND.
+    assert plan["tokens"] == pytest.approx(budget["flops"] / (6 * budget["nearest_preset_params"]), rel=1e-9)
+    assert plan["flops_6nd"] == pytest.approx(budget["flops"], rel=1e-9)
+    # Time comes from counted FLOPs, which add causal attention to 6N: a little over the budget's 6ND hours.
+    assert 1.0 < plan["gpu_hours"] / 100000 < 1.0 + plan["flops"] / plan["flops_6nd"] - 1 + 1e-6

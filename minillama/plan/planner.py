@@ -6,6 +6,7 @@ and footnoted sources, and `plan["explain"]` holds each formula with its numbers
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import functools
 import json
@@ -168,7 +169,16 @@ def _resolve_model(opts: PlanOptions) -> tuple[ModelConfig | None, str, dict]:
 
 
 def make_plan(opts: PlanOptions) -> dict[str, Any]:
-    """Compute the plan. Raises MinillamaError (one line) on bad input."""
+    """Compute the plan. Raises MinillamaError (one line) on bad input.
+
+    Budget mode with no model given plans the preset nearest to the compute-optimal size, for the tokens the
+    budget buys it (the budget's FLOPs depend on the hardware and MFU, not on the model)."""
+    no_model = all(v is None for v in (opts.model, opts.config, opts.params, opts.model_config))
+    has_budget = any(v is not None for v in (opts.budget_flops, opts.budget_gpu_hours, opts.budget_dollars))
+    if no_model and has_budget and opts.tokens_per_s_per_gpu is None:
+        budget = make_plan(dataclasses.replace(opts, params=1e9))["budget"]
+        tokens = opts.tokens if opts.tokens is not None else budget["flops"] / (6 * budget["nearest_preset_params"])
+        return make_plan(dataclasses.replace(opts, model=budget["nearest_preset"], tokens=tokens))
     cfg, model_name, train_table = _resolve_model(opts)
     explain: list[str] = []
     q = parse_quantity
