@@ -55,20 +55,26 @@ def main() -> None:
     prepare_run(run, out, show_progress=False)
     prepare_s = time.perf_counter() - t0
 
-    # Calibrate seconds per step on this machine, now.
+    # Calibrate on this machine, now: seconds per step from the steady-state steps of a short run, and the fixed
+    # cost (start-up, compilation, the final save) from what is left of its wall time.
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
+        n = args.calibration_steps
         calib = load_run_config(CONFIG_DIR / "shakespeare.toml", args.overrides + [
-            f"train.max_steps={args.calibration_steps}", f"train.save_every={args.calibration_steps}",
-            f"train.eval_every={10 * args.calibration_steps}"], data_paths=[args.text])
+            f"train.max_steps={n}", f"train.save_every={n}", f"train.eval_every={10 * n}", "train.log_every=1"],
+            data_paths=[args.text])
         train(calib, tmp, show_progress=False)
+        records = [json.loads(line) for line in (Path(tmp) / "metrics.jsonl").read_text().splitlines()]
     calibration_s = time.perf_counter() - t0
-    step_s = calibration_s / args.calibration_steps  # includes start-up and the final save: errs slow
-    remaining = args.budget_s - calibration_s
-    max_steps = max(1, int(remaining / step_s * 0.97))
+    steady = sorted(run.train.batch_tokens / r["tokens_per_s"] for r in records[n // 2:] if r.get("tokens_per_s"))
+    step_s = steady[len(steady) // 2]  # the median steady-state step
+    fixed_s = max(0.0, calibration_s - n * step_s)
+    # Evaluation: the final one over the whole validation split, forward only (~1/3 of a training token's cost).
+    eval_s = step_s * len(val_text) / 2.5 / run.train.batch_tokens / 3
+    max_steps = max(1, int((args.budget_s - calibration_s - fixed_s - eval_s) / step_s * 0.97))
     run = load_run_config(CONFIG_DIR / "shakespeare.toml", args.overrides + [
-        f"train.max_steps={max_steps}", f"train.save_every={max_steps}",
-        f"train.eval_every={max(1, max_steps // 4)}"], data_paths=[args.text])
+        f"train.max_steps={max_steps}", f"train.save_every={max_steps}", f"train.eval_every={max_steps}"],
+        data_paths=[args.text])
 
     t0 = time.perf_counter()
     result = train(run, out / "run", show_progress=False)
@@ -80,13 +86,14 @@ def main() -> None:
     nats_per_char = scored.loss * scored.tokens / len(val_text)
     row = dict(nats_per_char=round(nats_per_char, 4), target=1.45, met=nats_per_char <= 1.45 and wall_s <= 300,
                wall_s=round(wall_s, 1), calibration_s=round(calibration_s, 1), train_s=round(train_s, 1),
+               step_s=round(step_s, 3), fixed_s=round(fixed_s, 1),
                prepare_s=round(prepare_s, 1), steps=max_steps, tokens=max_steps * run.train.batch_tokens,
                params=model.num_params(), val_chars=len(val_text), val_tokens=scored.tokens,
                chars_per_token=round(len(val_text) / scored.tokens, 3), val_loss_per_token=round(scored.loss, 4),
                threads=torch.get_num_threads(), overrides=args.overrides)
     print(f"{'metric':<22}{'value':>14}")
-    for key in ("nats_per_char", "target", "met", "wall_s", "train_s", "steps", "tokens", "params",
-                "chars_per_token", "val_loss_per_token"):
+    for key in ("nats_per_char", "target", "met", "wall_s", "calibration_s", "train_s", "step_s", "steps",
+                "tokens", "params", "chars_per_token", "val_loss_per_token"):
         print(f"{key:<22}{row[key]!s:>14}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "shakespeare.json").write_text(json.dumps(row, indent=2))

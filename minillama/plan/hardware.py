@@ -145,8 +145,10 @@ def _cpu_model_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _measure_matmul_flops(dtype: object, n: int = 1024, min_time_s: float = 0.25) -> float:
-    """Best FLOP/s of an n x n matmul over repeated timings: 2 n^3 FLOPs each."""
+def _measure_matmul_flops(dtype: object, n: int = 2048, min_time_s: float = 1.0) -> float:
+    """Best FLOP/s of an n x n matmul over repeated timings (2 n^3 FLOPs each). n = 2048 and a second of
+    repeats: smaller products or fewer repeats read low (packing overhead, a busy neighbour), and a peak read low
+    makes every MFU after it read high."""
     import torch
 
     a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
