@@ -344,3 +344,18 @@ def test_every_shipped_recipe_loads(name):
     run = load_run_config(CONFIG_DIR / f"{name}.toml")
     assert run.optim.beta2 == 0.95 and run.optim.min_lr_ratio == 0.1 and run.optim.grad_clip == 1.0
     assert run.train.seq_len <= run.model.max_seq_len
+
+
+def test_time_budget_decides_the_length_once_from_steady_steps():
+    from minillama.train.trainer import TimeBudget
+
+    started = time.perf_counter() - 10.0  # 10 s already spent (start-up, data)
+    budget = TimeBudget(100.0, started, max_steps=10_000, warmup_steps=20, eval_every=1_000_000, eval_cost_steps=5)
+    decided = None
+    for step in range(1, 11):  # two slow compile steps, then 1 s steps
+        decided = budget.observe(step, 30.0 if step <= 2 else 1.0)
+        if step < 10:
+            assert decided is None
+    # ~90 s left, minus one final evaluation of 5 step-equivalents, at 1 s a step.
+    assert 10 + 80 <= decided <= 10 + 86
+    assert TimeBudget(100.0, started, 50, 20, 10**6, 5).observe(10, 1.0) == 50  # capped by max_steps

@@ -36,7 +36,7 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 
 
 def save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, run, *, bad_in_a_row: int,
-                             bad_total: int, keep_last: int) -> Path:
+                             bad_total: int, keep_last: int, max_steps: int, length_decided: bool = True) -> Path:
     """Write step-NNNNNNN atomically, then delete all but the newest `keep_last` checkpoints."""
     from minillama.checkpoint import atomic_directory, save_model_files
 
@@ -46,7 +46,8 @@ def save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, optimiz
         with atomic_directory(final) as tmp:
             save_model_files(model, tokenizer, tmp)
             state = dict(step=step, optimizer=optimizer.state_dict(), torch_rng=torch.get_rng_state(),
-                         python_rng=random.getstate(), bad_in_a_row=bad_in_a_row, bad_total=bad_total)
+                         python_rng=random.getstate(), bad_in_a_row=bad_in_a_row, bad_total=bad_total,
+                         max_steps=max_steps, length_decided=length_decided)
             if torch.cuda.is_available():
                 state["cuda_rng"] = torch.cuda.get_rng_state_all()
             torch.save(state, tmp / STATE_FILE)

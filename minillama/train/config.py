@@ -47,6 +47,9 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000
+    # > 0: fit the run to this many seconds of wall clock (from the start of `train`, data preparation
+    # included); the step count is decided during warmup from measured step times, max_steps is the upper bound.
+    time_budget_s: float = 0.0
     seq_len: int = 256
     # The batch in tokens per optimizer step (LLaMA: 4M). It becomes batch_tokens / seq_len sequences, split
     # into micro-batches x gradient-accumulation steps; micro_batch_size = 0 picks the largest that fits.
@@ -62,6 +65,9 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 5  # this many non-finite losses or gradients in a row stop the run
     compile: bool = False
+    # Train through train/fast.py (loss inside the forward, blocked attention on CPU, fused projections; same
+    # parameters and, in fp32, the same loss and gradients); false trains through model.py's own forward.
+    fast_path: bool = True
     activation_checkpointing: str = "none"  # "none" | "full"
     sample_prompt: str = ""
     sample_tokens: int = 200

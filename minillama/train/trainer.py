@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import signal
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,6 +89,8 @@ class TrainStep:
         self.micro_batch_size, self.grad_clip, self.dtype = micro_batch_size, grad_clip, dtype
         self.dist = dist or DistributedContext()
         self.device = next(model.parameters()).device
+        # train/fast.py's TrainingLoss returns the loss itself (DDP keeps the module it wraps as .module).
+        self.computes_loss = getattr(getattr(train_model, "module", train_model), "computes_loss", False)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, bool]:
         micro = self.micro_batch_size
@@ -98,7 +101,7 @@ class TrainStep:
             y = targets[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             with self.dist.no_sync_unless(self.train_model, last=i == accumulation - 1), \
                     autocast_context(self.device, self.dtype):
-                loss = cross_entropy_loss(self.train_model(x), y)
+                loss = self.train_model(x, y) if self.computes_loss else cross_entropy_loss(self.train_model(x), y)
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
         step_loss = self.dist.mean(loss_sum / accumulation).item()
@@ -108,6 +111,36 @@ class TrainStep:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return step_loss, grad_norm, finite
+
+
+class TimeBudget:
+    """Fits a run's length to a wall-clock budget (`train.time_budget_s`).
+
+    The number of steps is decided once, during warmup, from the median of the first steady steps (the first
+    two pay for compilation and warm caches) and the evaluations still to come; from then on it is fixed and
+    checkpointed, so the cosine schedule never changes mid-run and a resumed run keeps the same length."""
+
+    SKIP, MEASURE = 2, 8
+
+    def __init__(self, budget_s: float, started: float, max_steps: int, warmup_steps: int, eval_every: int,
+                 eval_cost_steps: float):
+        self.budget_s, self.started, self.max_steps = budget_s, started, max_steps
+        self.decide_at = max(1, min(warmup_steps, self.SKIP + self.MEASURE))
+        self.eval_every, self.eval_cost_steps = eval_every, eval_cost_steps
+        self.step_seconds: list[float] = []
+
+    def observe(self, step: int, seconds: float) -> int | None:
+        """Record one step's time; returns the run's total steps once decided (at step `decide_at`)."""
+        if step > self.SKIP:
+            self.step_seconds.append(seconds)
+        if step < self.decide_at:
+            return None
+        ordered = sorted(self.step_seconds) or [seconds]
+        step_s = ordered[len(ordered) // 2]
+        remaining_s = self.budget_s - (time.perf_counter() - self.started)
+        eval_s = self.eval_cost_steps * step_s
+        more = int((remaining_s - eval_s) / (step_s + eval_s / self.eval_every))
+        return max(step, min(self.max_steps, step + more))
 
 
 class GracefulStop:
@@ -168,6 +201,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     from minillama.train.parallelize import DistributedContext, parallelize
     from minillama.train.setup import prepare_run, write_run_record
 
+    started = time.perf_counter()
     out_dir = Path(out_dir)
     tcfg, ocfg = run.train, run.optim
     dist = DistributedContext.from_environment()
@@ -212,7 +246,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     if state is not None:
         checkpointing.restore(state, model, optimizer)
     train_model = parallelize(model, dist, compile=tcfg.compile,
-                              activation_checkpointing=tcfg.activation_checkpointing)
+                              activation_checkpointing=tcfg.activation_checkpointing, fast_path=tcfg.fast_path)
 
     from minillama.plan.flops import flops_per_token
     from minillama.plan.hardware import device_peak_flops
@@ -228,26 +262,45 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
     last_loss = val_loss = val_bpb = None
     saved: Path | None = None
-    progress = None
-    if show_progress and dist.is_main:
-        from tqdm.auto import tqdm
-
-        progress = tqdm(total=tcfg.max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     def save(step: int) -> Path:
         return checkpointing.save_training_checkpoint(out_dir, step, model, tokenizer, optimizer, run,
                                                       bad_in_a_row=bad_in_a_row, bad_total=bad_total,
+                                                      max_steps=max_steps, length_decided=budget is None,
                                                       keep_last=tcfg.keep_last)
+
+    # The run's length: max_steps, or what fits in time_budget_s (decided during warmup, then checkpointed).
+    # A time-budgeted run keeps the length it decided; otherwise --max-steps on resume may extend a run.
+    decided_before = bool(state and state.get("length_decided") and tcfg.time_budget_s > 0)
+    max_steps = state["max_steps"] if decided_before else tcfg.max_steps
+    budget = None
+    if tcfg.time_budget_s > 0 and not decided_before:
+        eval_cost_steps = eval_batches * micro * tcfg.seq_len / tokens_per_step / 3  # forward only: ~1/3
+        budget = TimeBudget(tcfg.time_budget_s, started, tcfg.max_steps, ocfg.warmup_steps, tcfg.eval_every,
+                            eval_cost_steps)
+
+    progress = None
+    if show_progress and dist.is_main:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
 
     stopped_by_signal = False
     with GracefulStop() as stop:
         step = start_step
-        while step < tcfg.max_steps:
-            lr = learning_rate(step, tcfg.max_steps, ocfg)
+        while step < max_steps:
+            lr = learning_rate(step, max_steps, ocfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             inputs, targets = train_data.batch(step)
+            step_started = time.perf_counter()
             step_loss, grad_norm, finite = train_step(inputs, targets)
+            if budget is not None:
+                decided = budget.observe(step + 1, time.perf_counter() - step_started)
+                if decided is not None:
+                    max_steps, budget = decided, None
+                    if progress is not None:
+                        progress.total = max_steps
             if finite:
                 bad_in_a_row = 0
             else:
@@ -258,13 +311,13 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             last_loss = step_loss
 
             record = None
-            if not finite or step % tcfg.log_every == 0 or step == tcfg.max_steps or step == start_step + 1:
+            if not finite or step % tcfg.log_every == 0 or step == max_steps or step == start_step + 1:
                 tokens_per_s, mfu = throughput.measure()
                 record = dict(step=step, tokens=step * tokens_per_step, loss=step_loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=round(tokens_per_s, 1), mfu=None if mfu is None else round(mfu, 5))
                 if not finite:
                     record.update(skipped=True, bad_steps_total=bad_total)
-            if step % tcfg.eval_every == 0 or step == tcfg.max_steps:
+            if step % tcfg.eval_every == 0 or step == max_steps:
                 nats, count = evaluate_loss(train_model, val_data.val_batches(max_batches=eval_batches),
                                             device, tcfg.dtype)
                 val_loss = dist.mean(torch.tensor(nats / max(1, count))).item()
@@ -283,7 +336,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             if bad_in_a_row >= tcfg.max_bad_steps:
                 raise MinillamaError(f"stopping at step {step}: {bad_in_a_row} non-finite losses or gradients in a "
                                      f"row (last loss {step_loss}, grad norm {grad_norm}); lower optim.lr?")
-            if dist.is_main and (step % tcfg.save_every == 0 or step == tcfg.max_steps or stop.requested):
+            if dist.is_main and (step % tcfg.save_every == 0 or step == max_steps or stop.requested):
                 saved = save(step)
             if stop.requested:
                 stopped_by_signal = True
