@@ -65,9 +65,6 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 5  # this many non-finite losses or gradients in a row stop the run
     compile: bool = False
-    # Train through train/fast.py (loss inside the forward, blocked attention on CPU, fused projections; same
-    # parameters and, in fp32, the same loss and gradients); false trains through model.py's own forward.
-    fast_path: bool = True
     activation_checkpointing: str = "none"  # "none" | "full"
     sample_prompt: str = ""
     sample_tokens: int = 200
