@@ -20,8 +20,8 @@ storage) and compares it with the planner's per-layer activation formula, so a m
 activation model (e.g. an attention kernel that keeps the T x T matrix) or to everything else.
 
 The training step is the trainer's own (`minillama.train.trainer.TrainStep`: autocast, fp32 cross-entropy,
-backward, clip, fused AdamW, zero_grad(set_to_none)); `minimal_train_step` below is the same recipe, used when
-the trainer cannot be imported. Results: a table on stdout and JSON in benchmarks/out/plan_vs_measured.json.
+backward, clip, fused AdamW, zero_grad(set_to_none)). Results: a table on stdout and JSON in
+benchmarks/out/plan_vs_measured.json.
 """
 
 from __future__ import annotations
@@ -47,31 +47,8 @@ CUDA_RUNS = [("125m", 8, 2048, 1, "none"), ("125m", 8, 2048, 1, "full"), ("1b", 
 
 
 # --------------------------------------------------------------------------------------------------------------
-# The training step: the trainer's, or the same recipe written out.
+# The training step: the trainer's own.
 # --------------------------------------------------------------------------------------------------------------
-def minimal_train_step(model, optimizer, micro_batch: int, dtype: str):
-    """forward under bf16 autocast (or none for fp32), fp32 cross-entropy, backward, clip, AdamW, zero_grad."""
-    import torch
-    import torch.nn.functional as F
-
-    device = next(model.parameters()).device
-
-    def step(inputs, targets):
-        accumulation = inputs.shape[0] // micro_batch
-        for i in range(accumulation):
-            x, y = inputs[i * micro_batch:(i + 1) * micro_batch], targets[i * micro_batch:(i + 1) * micro_batch]
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
-                logits = model(x)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
-                del logits
-                (loss / accumulation).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
-
-
 def build_training(cfg, device: str, dtype: str, micro_batch: int, activation_checkpointing: str):
     """Model (meta -> device -> init_weights, as the trainer does), optimizer and step function."""
     import torch
@@ -98,17 +75,14 @@ def build_training(cfg, device: str, dtype: str, micro_batch: int, activation_ch
         from minillama.train.parallelize import apply_activation_checkpointing
 
         apply_activation_checkpointing(model)
-    try:
-        from minillama.train.trainer import TrainStep
+    from minillama.train.trainer import TrainStep
 
-        train_step = TrainStep(model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
+    train_step = TrainStep(model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
 
-        def step(inputs, targets):
-            train_step(inputs, targets)
+    def step(inputs, targets):
+        train_step(inputs, targets)
 
-        return model, step, "minillama.train.trainer.TrainStep"
-    except ImportError:
-        return model, minimal_train_step(model, optimizer, micro_batch, dtype), "benchmark minimal step"
+    return model, step, "minillama.train.trainer.TrainStep"
 
 
 # --------------------------------------------------------------------------------------------------------------
