@@ -65,6 +65,10 @@ class TrainConfig:
     keep_last: int = 2
     max_bad_steps: int = 5  # this many non-finite losses or gradients in a row stop the run
     compile: bool = False
+    # Train through train/fast.py: the same parameters and, in fp32, the same loss and gradients as model.py
+    # (tests/test_train_step.py), faster (blocked attention on CPU, loss inside the forward, reused memory);
+    # false trains through model.py's own forward.
+    fast_path: bool = True
     activation_checkpointing: str = "none"  # "none" | "full"
     sample_prompt: str = ""
     sample_tokens: int = 200

@@ -80,15 +80,26 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = False,
-                activation_checkpointing: str = "none") -> nn.Module:
+                activation_checkpointing: str = "none", fast_path: bool = False) -> nn.Module:
     """Returns the module to call for training; `model` itself stays the plain Transformer to save (compile
-    and DDP wrap it without copying its parameters)."""
-    if activation_checkpointing == "full":
-        apply_activation_checkpointing(model)
-    elif activation_checkpointing != "none":
+    and DDP wrap it without copying its parameters).
+
+    With `fast_path` that module is train/fast.py's `TrainingLoss` (tokens and targets in, loss out; TrainStep
+    knows it by its `computes_loss` flag), which compiles block by block and does the activation checkpointing
+    itself; on CPU the process then keeps freed memory for reuse (`retain_freed_memory`)."""
+    if activation_checkpointing not in ("none", "full"):
         raise MinillamaError(f"activation_checkpointing must be 'none' or 'full', got {activation_checkpointing!r}")
     wrapped: nn.Module = model
-    if compile:
+    if fast_path:
+        from minillama.train.fast import TrainingLoss, retain_freed_memory
+
+        if next(model.parameters()).device.type == "cpu":
+            retain_freed_memory()
+        wrapped = TrainingLoss(model, compile="block" if compile else False,
+                               activation_checkpointing=activation_checkpointing == "full")
+    elif activation_checkpointing == "full":
+        apply_activation_checkpointing(model)
+    if compile and not fast_path:
         wrapped = torch.compile(wrapped)
     if dist.world_size > 1:
         from torch.nn.parallel import DistributedDataParallel

@@ -89,6 +89,8 @@ class TrainStep:
         self.micro_batch_size, self.grad_clip, self.dtype = micro_batch_size, grad_clip, dtype
         self.dist = dist or DistributedContext()
         self.device = next(model.parameters()).device
+        # train/fast.py's TrainingLoss returns the loss itself (DDP keeps the module it wraps as .module).
+        self.computes_loss = getattr(getattr(train_model, "module", train_model), "computes_loss", False)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, bool]:
         micro = self.micro_batch_size
@@ -99,7 +101,7 @@ class TrainStep:
             y = targets[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             with self.dist.no_sync_unless(self.train_model, last=i == accumulation - 1), \
                     autocast_context(self.device, self.dtype):
-                loss = cross_entropy_loss(self.train_model(x), y)
+                loss = self.train_model(x, y) if self.computes_loss else cross_entropy_loss(self.train_model(x), y)
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
         step_loss = self.dist.mean(loss_sum / accumulation).item()
@@ -244,7 +246,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     if state is not None:
         checkpointing.restore(state, model, optimizer)
     train_model = parallelize(model, dist, compile=tcfg.compile,
-                              activation_checkpointing=tcfg.activation_checkpointing)
+                              activation_checkpointing=tcfg.activation_checkpointing, fast_path=tcfg.fast_path)
 
     from minillama.plan.flops import flops_per_token
     from minillama.plan.hardware import device_peak_flops
