@@ -232,6 +232,21 @@ def test_source_texts_for_tokenizer_training(corpus):
     assert sum(map(len, source_texts(corpus_config(corpus), max_chars=5000))) < 7000
 
 
+def test_training_texts_are_exactly_the_prepared_training_split(corpus, prepared):
+    """What a run's tokenizer trains on: the documents of the training shards, none of the validation split."""
+    from minillama.data import training_texts
+
+    cfg = corpus_config(corpus, train_tokens=100_000)
+    for source in cfg.sources:
+        ids = stream(prepared, source.name, "train")
+        documents = [TOKENIZER.decode(doc) for doc in np.split(ids, np.flatnonzero(ids == 2) + 1) if doc.size]
+        texts = list(training_texts(DataConfig(sources=[source], val_fraction=cfg.val_fraction, seed=cfg.seed)))
+        assert sorted(texts) == sorted(documents), source.name
+    play = corpus["play"].read_text()
+    assert list(training_texts(DataConfig(sources=[cfg.sources[2]], val_fraction=0.1)))[-1] == split_tail(play, 0.1)[0]
+    assert sum(map(len, training_texts(cfg, max_chars=5000))) < 7000
+
+
 def test_invalid_utf8_is_counted_and_reported(tmp_path):
     (tmp_path / "bad.txt").write_bytes(b"good text\n" * 50 + b"\xff\xfe broken \xc3\n")
     cfg = DataConfig(sources=[SourceConfig(name="bad", path=str(tmp_path / "bad.txt"))], val_fraction=0)

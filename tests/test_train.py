@@ -346,7 +346,7 @@ def test_every_shipped_recipe_loads(name):
     assert run.train.seq_len <= run.model.max_seq_len
 
 
-def test_time_budget_decides_the_length_once_from_steady_steps():
+def test_time_budget_estimates_the_length_from_steady_steps_and_follows_a_slowdown():
     from minillama.train.trainer import TimeBudget
 
     started = time.perf_counter() - 10.0  # 10 s already spent (start-up, data)
@@ -358,4 +358,8 @@ def test_time_budget_decides_the_length_once_from_steady_steps():
             assert decided is None
     # ~90 s left, minus one final evaluation of 5 step-equivalents, at 1 s a step.
     assert 10 + 80 <= decided <= 10 + 86
+    for step in range(11, 31):  # the machine slows to 2 s a step: the estimate follows within the window
+        estimate = budget.observe(step, 2.0)
+    assert 30 + 38 <= estimate <= 30 + 43  # ~85 s left at 2 s a step, less the final evaluation
+    assert TimeBudget(100.0, time.perf_counter() - 200.0, 10_000, 20, 10**6, 5).observe(10, 1.0) == 10  # time is up
     assert TimeBudget(100.0, started, 50, 20, 10**6, 5).observe(10, 1.0) == 50  # capped by max_steps

@@ -118,3 +118,27 @@ def test_retain_freed_memory_can_be_called_again():
     first = retain_freed_memory()
     assert retain_freed_memory() == first
     assert torch.ones(2**23).sum().item() == 2**23  # a 32 MB block still allocates and frees
+
+
+def test_dropout_is_reproducible_and_off_in_eval_mode():
+    model = _model()
+    inputs, targets = _batch()
+    plain = cross_entropy_loss(model(inputs), targets).item()
+    fast = TrainingLoss(model, blocked_attention=True, dropout=0.3)
+    losses = []
+    for _ in range(2):
+        torch.manual_seed(5)
+        losses.append(fast(inputs, targets).item())
+    assert losses[0] == losses[1] and abs(losses[0] - plain) > 1e-4  # at initialisation the effect is small
+    fast.eval()
+    assert fast(inputs, targets).item() == pytest.approx(plain, rel=1e-5)
+
+
+@pytest.mark.parametrize("settings, key", [(dict(dropout=1.0), "train.dropout"),
+                                           (dict(dropout=0.1, fast_path=False), "train.fast_path")])
+def test_bad_dropout_settings_name_the_key(settings, key):
+    from minillama.errors import MinillamaError
+    from minillama.train.config import TrainConfig
+
+    with pytest.raises(MinillamaError, match=key):
+        TrainConfig(**settings)

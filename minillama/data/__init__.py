@@ -10,7 +10,7 @@ default corpus from the running Python installation).
 """
 
 from minillama.data.loader import IGNORE_INDEX, MixtureLoader, bits_per_byte, verify_shards
-from minillama.data.prepare import prepare_data, read_manifest, split_tail, token_dtype
+from minillama.data.prepare import prepare_data, read_manifest, split_tail, token_dtype, training_texts
 from minillama.data.sources import (
     PYTHON_DOCS,
     PYTHON_SOURCE,
@@ -24,5 +24,5 @@ from minillama.data.sources import (
 )
 
 __all__ = ["DataConfig", "SourceConfig", "DataWarning", "load_data_config", "data_config_from_table",
-           "data_config_from_paths", "source_texts", "prepare_data", "read_manifest", "split_tail", "token_dtype",
+           "data_config_from_paths", "source_texts", "training_texts", "prepare_data", "read_manifest", "split_tail", "token_dtype",
            "MixtureLoader", "IGNORE_INDEX", "bits_per_byte", "verify_shards", "PYTHON_DOCS", "PYTHON_SOURCE"]

@@ -35,6 +35,7 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -136,6 +137,23 @@ def _encode_documents(texts: list[str]) -> tuple[np.ndarray, int, int]:
     return tokens.astype(_WORKER["dtype"]), len(cleaned), n_bytes
 
 
+def _split_documents(docs: list[tuple[int, str]], tail_fraction: float, val_docs: frozenset[int]
+                     ) -> Iterator[tuple[str, str]]:
+    """("train" | "val", text) for (index, text) documents: the held-out documents are validation, or, in tail
+    mode, the last `tail_fraction` of each text is."""
+    for index, text in docs:
+        if not text:
+            continue
+        if tail_fraction > 0:
+            head, tail = split_tail(text, tail_fraction)
+            if head:
+                yield "train", head
+            if tail:
+                yield "val", tail
+        else:
+            yield ("val" if index in val_docs else "train"), text
+
+
 def _tokenize_task(task: _Task) -> dict[str, Any]:
     splits: dict[str, list[str]] = {"train": [], "val": []}
     invalid, skipped = [], []
@@ -145,17 +163,8 @@ def _tokenize_task(task: _Task) -> dict[str, Any]:
             invalid.append((unit.path, n_invalid))
         if skip_reason:
             skipped.append((unit.path, skip_reason))
-        for index, text in docs:
-            if not text:
-                continue
-            if task.tail_fraction > 0:
-                head, tail = split_tail(text, task.tail_fraction)
-                if head:
-                    splits["train"].append(head)
-                if tail:
-                    splits["val"].append(tail)
-            else:
-                splits["val" if index in task.val_docs else "train"].append(text)
+        for split, text in _split_documents(docs, task.tail_fraction, task.val_docs):
+            splits[split].append(text)
     result: dict[str, Any] = {"invalid": invalid, "skipped": skipped,
                               "input_bytes": sum(u.size_bytes for u in task.units)}
     for split, texts in splits.items():
@@ -272,6 +281,24 @@ def _val_selection(n_docs: int, fraction: float, seed: int, name: str) -> tuple[
     digest = hashlib.sha256(f"minillama-val/{seed}/{name}".encode()).digest()
     rng = np.random.default_rng(int.from_bytes(digest[:8], "little"))
     return "documents", frozenset(int(i) for i in rng.choice(n_docs, size=n_val, replace=False))
+
+
+def training_texts(cfg: DataConfig, max_chars: int | None = None) -> Iterator[str]:
+    """The training split of every source, document by document, split exactly as `prepare_data` splits it;
+    stops once `max_chars` are given. A tokenizer trained on these never sees the validation text (a BPE trained
+    on it would learn the validation split's own words and flatter its loss)."""
+    total = 0
+    for source in cfg.sources:
+        units = document_units(resolve_source(source), source.text_field)
+        mode, val_docs = _val_selection(sum(u.n_docs for u in units), cfg.val_fraction, cfg.seed, source.name)
+        for unit in units:
+            for split, text in _split_documents(read_unit(unit)[0], cfg.val_fraction if mode == "tail" else 0.0,
+                                                val_docs):
+                if split == "train":
+                    yield text
+                    total += len(text)
+                    if max_chars is not None and total >= max_chars:
+                        return
 
 
 def _tasks(units: list[DocumentUnit], val_docs: frozenset[int], tail: float, target_bytes: int) -> list[_Task]:
@@ -548,5 +575,5 @@ def _build_manifest(cfg: DataConfig, plans: list[Any], stats: list[dict[str, Any
     }
 
 
-__all__ = ["prepare_data", "read_manifest", "mixture_weights", "apply_mixture", "token_dtype", "split_tail",
+__all__ = ["prepare_data", "training_texts", "read_manifest", "mixture_weights", "apply_mixture", "token_dtype", "split_tail",
            "FORMAT_VERSION", "MANIFEST_NAME", "TOKENIZER_DIRNAME", "DEFAULT_SHARD_TOKENS"]

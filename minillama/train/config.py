@@ -70,6 +70,9 @@ class TrainConfig:
     # false trains through model.py's own forward.
     fast_path: bool = True
     activation_checkpointing: str = "none"  # "none" | "full"
+    # Dropout on the embeddings and on each residual branch's output while training (nanoGPT's embedding and
+    # residual dropout). LLaMA uses none; a small corpus seen for many epochs can want it. Needs fast_path.
+    dropout: float = 0.0
     sample_prompt: str = ""
     sample_tokens: int = 200
 
@@ -88,6 +91,11 @@ class TrainConfig:
         if self.activation_checkpointing not in ("none", "full"):
             raise MinillamaError(f"train.activation_checkpointing must be 'none' or 'full', got "
                                  f"{self.activation_checkpointing!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MinillamaError(f"train.dropout must be in [0, 1), got {self.dropout}")
+        if self.dropout and not self.fast_path:
+            raise MinillamaError(f"train.dropout={self.dropout} needs train.fast_path = true (model.py has no "
+                                 "dropout)")
 
     @property
     def batch_size(self) -> int:

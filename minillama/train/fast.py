@@ -85,6 +85,10 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return torch.cat(outputs, dim=3).view(B, H, T, D)
 
 
+def _dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    return F.dropout(x, p) if p else x  # p = 0 leaves the graph exactly the model's
+
+
 def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """model.apply_rope as its two rotated halves: the same products and sums, without the concatenated copy of
     (-x2, x1) that a compiler materialises. x (B, heads, T, D); cos and sin (T, D), both halves equal."""
@@ -97,7 +101,8 @@ def apply_rope_halves(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> 
 class TrainingLoss(nn.Module):
     """forward(tokens (B, T), targets (B, T)) -> mean next-token cross-entropy in fp32, the model's own math.
 
-    forward(tokens) without targets returns the model's logits, so evaluation can run through the same module.
+    forward(tokens) without targets returns the model's logits (uncompiled), so evaluation runs through the same
+    module.
     `model` stays a submodule: DDP and the optimizer see exactly its parameters.
 
     compile: False; "block" compiles one graph that every block shares (the parameters are its inputs) plus one
@@ -107,9 +112,10 @@ class TrainingLoss(nn.Module):
     computes_loss = True  # TrainStep calls a module with this flag as loss = module(inputs, targets)
 
     def __init__(self, model: Transformer, compile: str | bool = False, blocked_attention: bool | None = None,
-                 activation_checkpointing: bool = False):
+                 activation_checkpointing: bool = False, dropout: float = 0.0):
         super().__init__()
         self.model = model
+        self.dropout = dropout  # on the embeddings and each residual branch, in training mode only
         self.blocked_attention = blocked_attention  # None: CPU and T <= MAX_BLOCKED_ATTENTION_LEN
         self.activation_checkpointing = activation_checkpointing
         self.compile = "block" if compile is True else (compile or "")
@@ -118,14 +124,9 @@ class TrainingLoss(nn.Module):
         self._loss = torch.compile(self._loss_eager) if self.compile == "model" else self._loss_eager
         self._block = torch.compile(self._block_eager) if self.compile == "block" else self._block_eager
         self._head = torch.compile(self._head_eager) if self.compile == "block" else self._head_eager
-        self._logits = None  # the model's forward, compiled on first use if compiling
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         model = self.model
-        if targets is None:
-            if self._logits is None:
-                self._logits = torch.compile(model) if self.compile else model
-            return self._logits(tokens)
         T = tokens.shape[1]
         if T > model.cfg.max_seq_len:
             raise ValueError(f"sequence of {T} positions exceeds max_seq_len={model.cfg.max_seq_len}")
@@ -133,25 +134,38 @@ class TrainingLoss(nn.Module):
         if blocked is None:
             blocked = tokens.device.type == "cpu" and T <= MAX_BLOCKED_ATTENTION_LEN
         cos, sin = rope_cos_sin(model.rope_inv_freq, torch.arange(T, device=tokens.device))  # (T, D) each
+        if targets is None:
+            return self._logits_eager(tokens, cos, sin, blocked)
         return self._loss(tokens, targets, cos, sin, blocked)
+
+    def _logits_eager(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocked: bool
+                      ) -> torch.Tensor:
+        """The model's logits (B, T, V) for evaluation, never compiled: a forward-only graph would be compiled
+        again (15 s for 15m on 2 cores) to save a few percent of an evaluation that takes seconds."""
+        h = self.model.tok_embeddings(tokens)  # (B, T, C)
+        for layer in self.model.layers:
+            h = self._block_eager(layer, h, cos, sin, blocked)  # (B, T, C)
+        return self.model.output(self.model.norm(h))  # (B, T, V)
 
     def _loss_eager(self, tokens: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     blocked: bool) -> torch.Tensor:
-        h = self.model.tok_embeddings(tokens)  # (B, T, C)
+        p = self.dropout if self.training else 0.0
+        h = _dropout(self.model.tok_embeddings(tokens), p)  # (B, T, C)
         for layer in self.model.layers:
             if self.activation_checkpointing:
-                h = checkpoint(self._block, layer, h, cos, sin, blocked, use_reentrant=False)
+                h = checkpoint(self._block, layer, h, cos, sin, blocked, p, use_reentrant=False)
             else:
-                h = self._block(layer, h, cos, sin, blocked)  # (B, T, C)
+                h = self._block(layer, h, cos, sin, blocked, p)  # (B, T, C)
         return self._head(h, targets)
 
     def _head_eager(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.model.output(self.model.norm(h))  # (B, T, V), bf16 under autocast
         return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # trainer.cross_entropy_loss
 
-    def _block_eager(self, layer: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocked: bool
-                     ) -> torch.Tensor:
-        """Block.forward without a cache: x + Attention(RMSNorm(x)), then + FeedForward(RMSNorm(x))."""
+    def _block_eager(self, layer: Block, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocked: bool,
+                     dropout: float = 0.0) -> torch.Tensor:
+        """Block.forward without a cache: x + Attention(RMSNorm(x)), then + FeedForward(RMSNorm(x)); with
+        `dropout`, each branch's output is dropped out before it is added."""
         attn, ffn = layer.attention, layer.feed_forward
         B, T, _ = x.shape
         H, K, D = attn.n_heads, attn.n_kv_heads, attn.head_dim
@@ -164,8 +178,8 @@ class TrainingLoss(nn.Module):
             out = causal_attention_blocked(q, k, v)  # (B, H, T, D)
         else:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=K != H)  # (B, H, T, D)
-        x = x + attn.wo(out.transpose(1, 2).reshape(B, T, H * D))  # (B, T, C)
-        return x + ffn(layer.ffn_norm(x))  # (B, T, C)
+        x = x + _dropout(attn.wo(out.transpose(1, 2).reshape(B, T, H * D)), dropout)  # (B, T, C)
+        return x + _dropout(ffn(layer.ffn_norm(x)), dropout)  # (B, T, C)
 
 
 def retain_freed_memory() -> bool:

@@ -80,7 +80,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
 
 def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = False,
-                activation_checkpointing: str = "none", fast_path: bool = False) -> nn.Module:
+                activation_checkpointing: str = "none", fast_path: bool = False, dropout: float = 0.0) -> nn.Module:
     """Returns the module to call for training; `model` itself stays the plain Transformer to save (compile
     and DDP wrap it without copying its parameters).
 
@@ -96,7 +96,7 @@ def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = Fals
         if next(model.parameters()).device.type == "cpu":
             retain_freed_memory()
         wrapped = TrainingLoss(model, compile="block" if compile else False,
-                               activation_checkpointing=activation_checkpointing == "full")
+                               activation_checkpointing=activation_checkpointing == "full", dropout=dropout)
     elif activation_checkpointing == "full":
         apply_activation_checkpointing(model)
     if compile and not fast_path:

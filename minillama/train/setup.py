@@ -22,17 +22,19 @@ def cache_dir() -> Path:
 
 
 def _sources_key(run) -> str:
-    """A content key for the run's sources: their config plus every input file's size and mtime."""
+    """A content key for the run's training text: the sources' config, every input file's size and mtime, and
+    the validation split held out of it."""
     from minillama.data.sources import resolve_source
 
     listing = [[s.name, s.text_field, s.max_mb, [f.stat_key() for f in resolve_source(s)]]
-               for s in run.data.sources]
+               for s in run.data.sources] + [["train-split", run.data.val_fraction, run.data.seed]]
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def resolve_tokenizer(run, show_progress: bool = True):
-    """The run's tokenizer: `tokenizer.path` if given, else a BPE trained on the run's sources (cached)."""
-    from minillama.data import source_texts
+    """The run's tokenizer: `tokenizer.path` if given, else a BPE trained on the training split of the run's
+    sources (cached)."""
+    from minillama.data import training_texts
     from minillama.tokenizer import load_tokenizer, train_bpe_from_texts
 
     spec = run.tokenizer
@@ -42,7 +44,7 @@ def resolve_tokenizer(run, show_progress: bool = True):
     target = cache_dir() / "tokenizers" / f"bpe-{vocab_size}-{_sources_key(run)}"
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
-    tokenizer = train_bpe_from_texts(source_texts(run.data), vocab_size, show_progress=show_progress)
+    tokenizer = train_bpe_from_texts(training_texts(run.data), vocab_size, show_progress=show_progress)
     tokenizer.save(target)
     return load_tokenizer(target)
 

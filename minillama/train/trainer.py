@@ -116,28 +116,32 @@ class TrainStep:
 class TimeBudget:
     """Fits a run's length to a wall-clock budget (`train.time_budget_s`).
 
-    The number of steps is decided once, during warmup, from the median of the first steady steps (the first
-    two pay for compilation and warm caches) and the evaluations still to come; from then on it is fixed and
-    checkpointed, so the cosine schedule never changes mid-run and a resumed run keeps the same length."""
+    From the end of its first steady steps (the first two pay for compilation and warm caches) it re-estimates
+    the run's total steps after every step: the time left, less the evaluations still to come, over the median
+    of the recent step times. The cosine schedule follows that estimate, which moves by a step or two when the
+    machine speeds up or slows down (a single estimate made early overran a 300 s budget by 44 s when other work
+    slowed the steps by 15%). The estimate in force is checkpointed, and a resumed run keeps it."""
 
-    SKIP, MEASURE = 2, 8
+    SKIP, WINDOW = 2, 20  # compilation steps not timed; recent steps whose median is the step time
 
     def __init__(self, budget_s: float, started: float, max_steps: int, warmup_steps: int, eval_every: int,
                  eval_cost_steps: float):
         self.budget_s, self.started, self.max_steps = budget_s, started, max_steps
-        self.decide_at = max(1, min(warmup_steps, self.SKIP + self.MEASURE))
+        self.decide_at = max(1, min(warmup_steps, self.SKIP + 8))
         self.eval_every, self.eval_cost_steps = eval_every, eval_cost_steps
         self.step_seconds: list[float] = []
 
     def observe(self, step: int, seconds: float) -> int | None:
-        """Record one step's time; returns the run's total steps once decided (at step `decide_at`)."""
+        """Record the time of the step that ends at `step`; returns the run's total steps from `decide_at` on
+        (never fewer than `step`: at `step` itself the time is up)."""
         if step > self.SKIP:
-            self.step_seconds.append(seconds)
+            self.step_seconds = (self.step_seconds + [seconds])[-self.WINDOW:]
         if step < self.decide_at:
             return None
         ordered = sorted(self.step_seconds) or [seconds]
         step_s = ordered[len(ordered) // 2]
-        remaining_s = self.budget_s - (time.perf_counter() - self.started)
+        # What follows the last step besides the final evaluation (checkpoint, metrics, loss.png) gets 2%.
+        remaining_s = 0.98 * self.budget_s - (time.perf_counter() - self.started)
         eval_s = self.eval_cost_steps * step_s
         more = int((remaining_s - eval_s) / (step_s + eval_s / self.eval_every))
         return max(step, min(self.max_steps, step + more))
@@ -246,7 +250,8 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     if state is not None:
         checkpointing.restore(state, model, optimizer)
     train_model = parallelize(model, dist, compile=tcfg.compile,
-                              activation_checkpointing=tcfg.activation_checkpointing, fast_path=tcfg.fast_path)
+                              activation_checkpointing=tcfg.activation_checkpointing, fast_path=tcfg.fast_path,
+                              dropout=tcfg.dropout)
 
     from minillama.plan.flops import flops_per_token
     from minillama.plan.hardware import device_peak_flops
@@ -266,15 +271,17 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     def save(step: int) -> Path:
         return checkpointing.save_training_checkpoint(out_dir, step, model, tokenizer, optimizer, run,
                                                       bad_in_a_row=bad_in_a_row, bad_total=bad_total,
-                                                      max_steps=max_steps, length_decided=budget is None,
+                                                      max_steps=max_steps, length_decided=length_decided,
                                                       keep_last=tcfg.keep_last)
 
-    # The run's length: max_steps, or what fits in time_budget_s (decided during warmup, then checkpointed).
-    # A time-budgeted run keeps the length it decided; otherwise --max-steps on resume may extend a run.
+    # The run's length: max_steps, or what fits in time_budget_s (estimated from the end of warmup's first steps
+    # on, and checkpointed). A resumed time-budgeted run keeps the length it had; otherwise --max-steps on resume
+    # may extend a run.
     decided_before = bool(state and state.get("length_decided") and tcfg.time_budget_s > 0)
     max_steps = state["max_steps"] if decided_before else tcfg.max_steps
-    budget = None
+    budget, length_decided = None, True
     if tcfg.time_budget_s > 0 and not decided_before:
+        length_decided = False  # until the budget's first estimate
         eval_cost_steps = eval_batches * micro * tcfg.seq_len / tokens_per_step / 3  # forward only: ~1/3
         budget = TimeBudget(tcfg.time_budget_s, started, tcfg.max_steps, ocfg.warmup_steps, tcfg.eval_every,
                             eval_cost_steps)
@@ -296,9 +303,9 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             step_started = time.perf_counter()
             step_loss, grad_norm, finite = train_step(inputs, targets)
             if budget is not None:
-                decided = budget.observe(step + 1, time.perf_counter() - step_started)
-                if decided is not None:
-                    max_steps, budget = decided, None
+                estimate = budget.observe(step + 1, time.perf_counter() - step_started)
+                if estimate is not None:
+                    max_steps, length_decided = estimate, True
                     if progress is not None:
                         progress.total = max_steps
             if finite:
