@@ -15,9 +15,9 @@ which reads the same parameters (names, shapes, checkpoints all unchanged) and c
 - `retain_freed_memory` stops glibc from handing large freed blocks back to the kernel: otherwise every step
   page-faults its activations and gradients into fresh zeroed pages (~100k faults per 15m step).
 
-Numbers for each of these are in benchmarks/RESULTS.md ("Training throughput"). tests/test_train_step.py checks
-that loss and gradients equal model.py's in fp32, so an edit to model.py that this file does not mirror fails
-there; `train.fast_path = false` trains through model.py itself.
+What they add up to, against model.py compiled and against Hugging Face, is in benchmarks/RESULTS.md ("Training
+throughput"). tests/test_train_step.py checks that loss and gradients equal model.py's in fp32, so an edit to
+model.py that this file does not mirror fails there; `train.fast_path = false` trains through model.py itself.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from minillama.model import Block, Transformer, rope_cos_sin
 # Blocked attention on CPU up to this many positions; beyond it the saved (B, H, T, T) probabilities grow too
 # large and the flash kernel's O(T) memory wins.
 MAX_BLOCKED_ATTENTION_LEN = 1024
-QUERY_BLOCK = 64  # query rows per block: at T = 256, 64 beat 32 and 128 (benchmarks/RESULTS.md)
+QUERY_BLOCK = 64  # query rows per block: at T = 256, 64 beat 32 and 128 in the fast path's development runs
 
 
 class _CausalSoftmax(torch.autograd.Function):
@@ -106,8 +106,8 @@ class TrainingLoss(nn.Module):
     `model` stays a submodule: DDP and the optimizer see exactly its parameters.
 
     compile: False; "block" compiles one graph that every block shares (the parameters are its inputs) plus one
-    for the head (final norm, output projection, loss): 15 s on 2 cores for 15m against 70 s for "model", one
-    graph of the whole forward, and as fast (RESULTS.md)."""
+    for the head (final norm, output projection, loss): it compiled in 15 s on 2 cores for 15m against 70 s for
+    "model", one graph of the whole forward, and ran as fast, in the fast path's development runs."""
 
     computes_loss = True  # TrainStep calls a module with this flag as loss = module(inputs, targets)
 
