@@ -24,5 +24,6 @@ from minillama.data.sources import (
 )
 
 __all__ = ["DataConfig", "SourceConfig", "DataWarning", "load_data_config", "data_config_from_table",
-           "data_config_from_paths", "source_texts", "training_texts", "prepare_data", "read_manifest", "split_tail", "token_dtype",
-           "MixtureLoader", "IGNORE_INDEX", "bits_per_byte", "verify_shards", "PYTHON_DOCS", "PYTHON_SOURCE"]
+           "data_config_from_paths", "source_texts", "training_texts", "prepare_data", "read_manifest", "split_tail",
+           "token_dtype", "MixtureLoader", "IGNORE_INDEX", "bits_per_byte", "verify_shards", "PYTHON_DOCS",
+           "PYTHON_SOURCE"]

@@ -33,9 +33,9 @@ import os
 import shutil
 import sys
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -575,5 +575,5 @@ def _build_manifest(cfg: DataConfig, plans: list[Any], stats: list[dict[str, Any
     }
 
 
-__all__ = ["prepare_data", "training_texts", "read_manifest", "mixture_weights", "apply_mixture", "token_dtype", "split_tail",
-           "FORMAT_VERSION", "MANIFEST_NAME", "TOKENIZER_DIRNAME", "DEFAULT_SHARD_TOKENS"]
+__all__ = ["prepare_data", "training_texts", "read_manifest", "mixture_weights", "apply_mixture", "token_dtype",
+           "split_tail", "FORMAT_VERSION", "MANIFEST_NAME", "TOKENIZER_DIRNAME", "DEFAULT_SHARD_TOKENS"]

@@ -122,12 +122,13 @@ class TimeBudget:
     machine speeds up or slows down (a single estimate made early overran a 300 s budget by 44 s when other work
     slowed the steps by 15%). The estimate in force is checkpointed, and a resumed run keeps it."""
 
-    SKIP, WINDOW = 2, 20  # compilation steps not timed; recent steps whose median is the step time
+    SKIP, FIRST_TIMED, WINDOW = 2, 8, 20  # steps not timed (compilation); timed steps before the first estimate;
+    # the recent steps whose median is the step time
 
     def __init__(self, budget_s: float, started: float, max_steps: int, warmup_steps: int, eval_every: int,
                  eval_cost_steps: float):
         self.budget_s, self.started, self.max_steps = budget_s, started, max_steps
-        self.decide_at = max(1, min(warmup_steps, self.SKIP + 8))
+        self.decide_at = max(1, min(warmup_steps, self.SKIP + self.FIRST_TIMED))
         self.eval_every, self.eval_cost_steps = eval_every, eval_cost_steps
         self.step_seconds: list[float] = []
 
