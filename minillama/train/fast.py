@@ -142,21 +142,25 @@ class TrainingLoss(nn.Module):
                       ) -> torch.Tensor:
         """The model's logits (B, T, V) for evaluation, never compiled: a forward-only graph would be compiled
         again (15 s for 15m on 2 cores) to save a few percent of an evaluation that takes seconds."""
-        h = self.model.tok_embeddings(tokens)  # (B, T, C)
-        for layer in self.model.layers:
-            h = self._block_eager(layer, h, cos, sin, blocked)  # (B, T, C)
+        h = self._hidden_states(tokens, cos, sin, blocked, self._block_eager, dropout=0.0, checkpointing=False)
         return self.model.output(self.model.norm(h))  # (B, T, V)
 
     def _loss_eager(self, tokens: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     blocked: bool) -> torch.Tensor:
-        p = self.dropout if self.training else 0.0
-        h = _dropout(self.model.tok_embeddings(tokens), p)  # (B, T, C)
-        for layer in self.model.layers:
-            if self.activation_checkpointing:
-                h = checkpoint(self._block, layer, h, cos, sin, blocked, p, use_reentrant=False)
-            else:
-                h = self._block(layer, h, cos, sin, blocked, p)  # (B, T, C)
+        h = self._hidden_states(tokens, cos, sin, blocked, self._block, dropout=self.dropout if self.training else 0.0,
+                                checkpointing=self.activation_checkpointing)
         return self._head(h, targets)
+
+    def _hidden_states(self, tokens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, blocked: bool, block,
+                       dropout: float, checkpointing: bool) -> torch.Tensor:
+        """Embeddings, then every block (`block` is _block_eager or its compiled form) -> (B, T, C)."""
+        h = _dropout(self.model.tok_embeddings(tokens), dropout)  # (B, T, C)
+        for layer in self.model.layers:
+            if checkpointing:
+                h = checkpoint(block, layer, h, cos, sin, blocked, dropout, use_reentrant=False)
+            else:
+                h = block(layer, h, cos, sin, blocked, dropout)  # (B, T, C)
+        return h
 
     def _head_eager(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.model.output(self.model.norm(h))  # (B, T, V), bf16 under autocast
