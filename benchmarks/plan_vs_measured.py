@@ -78,11 +78,7 @@ def build_training(cfg, device: str, dtype: str, micro_batch: int, activation_ch
     from minillama.train.trainer import TrainStep
 
     train_step = TrainStep(model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
-
-    def step(inputs, targets):
-        train_step(inputs, targets)
-
-    return model, step, "minillama.train.trainer.TrainStep"
+    return model, train_step, "minillama.train.trainer.TrainStep"
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def build_minillama_step(cfg, inputs, targets, device: str, compile: bool, fast_
 
     tcfg = TrainConfig(compile=compile)
     if fast_path is None:
-        fast_path = getattr(tcfg, "fast_path", False)  # the trainer's default
+        fast_path = tcfg.fast_path  # the trainer's default
     torch.manual_seed(0)
     model = Transformer(cfg).to(device)
     optimizer = build_optimizer(model, OptimConfig(lr=LR, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,

@@ -105,25 +105,21 @@ class TrainingLoss(nn.Module):
     module.
     `model` stays a submodule: DDP and the optimizer see exactly its parameters.
 
-    compile: False; "block" compiles one graph that every block shares (the parameters are its inputs) plus one
-    for the head (final norm, output projection, loss): it compiled in 15 s on 2 cores for 15m against 70 s for
-    "model", one graph of the whole forward, and ran as fast, in the fast path's development runs."""
+    compile: one compiled graph that every block shares (the parameters are its inputs) plus one for the head
+    (final norm, output projection, loss). In the fast path's development runs this compiled in 15 s on 2 cores
+    for 15m, against 70 s for one graph of the whole forward, and ran as fast."""
 
     computes_loss = True  # TrainStep calls a module with this flag as loss = module(inputs, targets)
 
-    def __init__(self, model: Transformer, compile: str | bool = False, blocked_attention: bool | None = None,
+    def __init__(self, model: Transformer, compile: bool = False, blocked_attention: bool | None = None,
                  activation_checkpointing: bool = False, dropout: float = 0.0):
         super().__init__()
         self.model = model
         self.dropout = dropout  # on the embeddings and each residual branch, in training mode only
         self.blocked_attention = blocked_attention  # None: CPU and T <= MAX_BLOCKED_ATTENTION_LEN
         self.activation_checkpointing = activation_checkpointing
-        self.compile = "block" if compile is True else (compile or "")
-        if self.compile not in ("", "block", "model"):
-            raise ValueError(f"compile must be False, True, 'block' or 'model', got {compile!r}")
-        self._loss = torch.compile(self._loss_eager) if self.compile == "model" else self._loss_eager
-        self._block = torch.compile(self._block_eager) if self.compile == "block" else self._block_eager
-        self._head = torch.compile(self._head_eager) if self.compile == "block" else self._head_eager
+        self._block = torch.compile(self._block_eager) if compile else self._block_eager
+        self._head = torch.compile(self._head_eager) if compile else self._head_eager
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         model = self.model
@@ -145,7 +141,7 @@ class TrainingLoss(nn.Module):
         h = self._hidden_states(tokens, cos, sin, blocked, self._block_eager, dropout=0.0, checkpointing=False)
         return self.model.output(self.model.norm(h))  # (B, T, V)
 
-    def _loss_eager(self, tokens: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    def _loss(self, tokens: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                     blocked: bool) -> torch.Tensor:
         h = self._hidden_states(tokens, cos, sin, blocked, self._block, dropout=self.dropout if self.training else 0.0,
                                 checkpointing=self.activation_checkpointing)

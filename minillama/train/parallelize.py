@@ -95,7 +95,7 @@ def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = Fals
 
         if next(model.parameters()).device.type == "cpu":
             retain_freed_memory()
-        wrapped = TrainingLoss(model, compile="block" if compile else False,
+        wrapped = TrainingLoss(model, compile=compile,
                                activation_checkpointing=activation_checkpointing == "full", dropout=dropout)
     elif activation_checkpointing == "full":
         apply_activation_checkpointing(model)
