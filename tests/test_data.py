@@ -314,9 +314,37 @@ def test_batch_is_packed_windows_of_the_source_stream(prepared):
     inputs, targets = loader.batch(17)
     assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == targets.shape == (6, 24)
     for row, x, y in zip(loader.describe(17), inputs.tolist(), targets.tolist()):
-        window = streams[row["source"]][row["offset"]: row["offset"] + 25].tolist()
+        source = streams[row["source"]]
+        window = np.take(source, range(row["offset"], row["offset"] + 25), mode="wrap").tolist()
         assert x == window[:-1] and y == window[1:]
-        assert row["offset"] == row["window"] * 24
+        shift = loader.epoch_shift(row["source"], row["epoch"])
+        assert row["offset"] == (row["window"] * 24 + shift) % len(source)
+
+
+def test_later_epochs_cut_the_stream_at_new_places(prepared):
+    """Epoch 0 cuts at multiples of seq_len; each later epoch shifts every cut by one seeded amount, reading the
+    stream as a cycle, so within an epoch every window is distinct and the targets never repeat."""
+    loader = MixtureLoader(prepared, seq_len=64, batch_size=5, seed=4, weights={"play": 1.0})
+    source = stream(prepared, "play", "train")
+    n = loader.windows["play"]
+    shifts = [loader.epoch_shift("play", e) for e in range(8)]
+    assert shifts[0] == 0 and all(0 <= s < 64 for s in shifts) and len(set(shifts[1:])) > 1
+    rows = [r for step in range(-(-4 * n // 5)) for r in loader.describe(step)]
+    for epoch in range(4):
+        mine = [r for r in rows if r["epoch"] == epoch]
+        assert len(mine) == n
+        assert {r["offset"] for r in mine} == {(w * 64 + shifts[epoch]) % len(source) for w in range(n)}
+        targets = {(r["offset"] + i) % len(source) for r in mine for i in range(1, 65)}
+        assert len(targets) == n * 64  # no target twice in one epoch
+    # The last window of an epoch shifted past the stream's slack runs over the end into the beginning.
+    slack = len(source) - 1 - n * 64
+    epoch = next(e for e in range(1, 4) if shifts[e] > slack)
+    index = next(i for i, r in enumerate(rows) if r["epoch"] == epoch and r["window"] == n - 1)
+    row = rows[index]
+    assert row["offset"] + 65 > len(source)
+    x, y = loader.batch(index // 5)
+    expected = np.take(source, range(row["offset"], row["offset"] + 65), mode="wrap").tolist()
+    assert x[row["row"]].tolist() == expected[:-1] and y[row["row"]].tolist() == expected[1:]
 
 
 def test_resume_needs_only_the_step(prepared):
