@@ -20,7 +20,7 @@ How a batch is made:
    permutation (a Feistel network with cycle walking: a bijection computed per index, O(1) memory even for
    billions of windows), so no window repeats within an epoch and each epoch has a different order.
 5. Shift: epoch 0 cuts the stream at 0, seq_len, 2*seq_len, ...; every later epoch moves the cuts by a seeded
-   shift in [0, seq_len), reading the stream as a cycle (it ends with EOS and starts with BOS, so the seam is one
+   shift in [0, seq_len), reading the stream as a cycle (it ends with an EOS, so the seam is one
    more document boundary). A token then comes with a different context in each epoch, instead of the same
    window seen again: what nanoGPT gets from sampling windows at random offsets, kept a pure function of the
    step. On 1 MB of text read ~5 times this took the Shakespeare recipe from 1.462-1.465 to 1.447-1.454 nats/char
