@@ -341,7 +341,7 @@ def test_later_epochs_cut_the_stream_at_new_places(prepared):
     epoch = next(e for e in range(1, 4) if shifts[e] > slack)
     index = next(i for i, r in enumerate(rows) if r["epoch"] == epoch and r["window"] == n - 1)
     row = rows[index]
-    assert row["offset"] + 65 > len(source)
+    assert row["offset"] + 65 > len(source) and row["end"] == row["offset"] + 64 - len(source)
     x, y = loader.batch(index // 5)
     expected = np.take(source, range(row["offset"], row["offset"] + 65), mode="wrap").tolist()
     assert x[row["row"]].tolist() == expected[:-1] and y[row["row"]].tolist() == expected[1:]

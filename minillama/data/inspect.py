@@ -64,7 +64,8 @@ def format_inspection(loader: MixtureLoader, step: int, rows: list[dict[str, Any
     name_width = max(len(r["source"]) for r in rows)
     for r in rows:
         where = (f"{r['row']:>3}  {r['source']:<{name_width}}  epoch {r['epoch']}  window {r['window']:,} of "
-                 f"{loader.windows[r['source']]:,}  tokens {r['offset']:,}..{r['offset'] + loader.seq_len:,}")
+                 f"{loader.windows[r['source']]:,}  tokens {r['offset']:,}..{r['end']:,}"
+                 + ("  (past the end, from the start)" if r["end"] < r["offset"] else ""))
         lines.append(where)
         if "start_text" in r:
             start = repr(r["start_text"])

@@ -278,8 +278,8 @@ class MixtureLoader:
 
     def describe(self, step: int) -> list[dict[str, Any]]:
         """Where each sequence of batch `step` comes from: source, its index k among that source's sequences,
-        epoch, window, and token offset in the source's stream (`offset` .. `offset + seq_len`, modulo the
-        stream's length: a window of a shifted epoch can run past the end into the beginning)."""
+        epoch, window, and the window's first and last token in the source's stream (`offset`, `end`; a window of
+        a shifted epoch can run past the stream's end and go on from its beginning, so `end` < `offset`)."""
         try:
             index = operator.index(step)  # ints, numpy integers, integer tensors
         except TypeError:
@@ -298,10 +298,10 @@ class MixtureLoader:
             n_windows = self.windows[name]
             epoch, position = divmod(k, n_windows)
             window = permute(position, n_windows, self._epoch_key(name, epoch))
+            size = self._streams[(name, self.split)].size
+            offset = (window * self.seq_len + self.epoch_shift(name, epoch)) % size
             rows.append({"row": i, "sequence": g, "source": name, "index_in_source": k, "epoch": epoch,
-                         "window": window,
-                         "offset": (window * self.seq_len + self.epoch_shift(name, epoch)) % self._streams[
-                             (name, self.split)].size})
+                         "window": window, "offset": offset, "end": (offset + self.seq_len) % size})
         return rows
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
