@@ -23,7 +23,7 @@ How a batch is made:
    shift in [0, seq_len), reading the stream as a cycle (it ends with an EOS, so the seam is one
    more document boundary). A token then comes with a different context in each epoch, instead of the same
    window seen again: what nanoGPT gets from sampling windows at random offsets, kept a pure function of the
-   step. On 1 MB of text read ~5 times this took the Shakespeare recipe from 1.462-1.465 to 1.447-1.454 nats/char
+   step. On 1 MB of text read ~5 times this took the Shakespeare recipe from 1.462-1.465 to 1.443-1.454 nats/char
    (benchmarks/RESULTS.md).
 
 Validation: `val_batches` walks every window of the validation split once, in order, split among ranks, padding
