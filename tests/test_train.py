@@ -337,12 +337,20 @@ def test_default_recipe_config_loads():
         load_run_config(overrides=["train.batch_tokens=100"])
 
 
-@pytest.mark.parametrize("name", ["default", "shakespeare", "gpu-125m", "gpu-1b"])
+# A recipe's beta2 departs from LLaMA's 0.95 only where the recipe says why: Shakespeare steps on 2,048 tokens
+# (LLaMA: 4M) and takes nanoGPT's small-batch 0.99 (benchmarks/RESULTS.md, two runs against four).
+RECIPE_BETA2 = {"default": 0.95, "shakespeare": 0.99, "gpu-125m": 0.95, "gpu-1b": 0.95}
+
+
+@pytest.mark.parametrize("name", sorted(RECIPE_BETA2))
 def test_every_shipped_recipe_loads(name):
     from minillama.train.config import CONFIG_DIR
 
+    assert sorted(p.stem for p in CONFIG_DIR.glob("*.toml")) == sorted(RECIPE_BETA2)  # a new recipe is listed here
     run = load_run_config(CONFIG_DIR / f"{name}.toml")
-    assert run.optim.beta2 == 0.95 and run.optim.min_lr_ratio == 0.1 and run.optim.grad_clip == 1.0
+    assert run.optim.beta1 == 0.9 and run.optim.eps == 1e-8 and run.optim.weight_decay == 0.1
+    assert run.optim.beta2 == RECIPE_BETA2[name]
+    assert run.optim.min_lr_ratio == 0.1 and run.optim.grad_clip == 1.0
     assert run.train.seq_len <= run.model.max_seq_len
 
 
