@@ -157,12 +157,11 @@ class _TokenStream:
 
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens [start, start + length), continuing from the stream's beginning past its end."""
-        if start + length > self.size:
+        if start + length > self.size:  # past the end: wrap
             start %= self.size
-            head = min(length, self.size - start)
-            if head == length:
-                return self.read(start, length)
-            return np.concatenate([self.read(start, head), self.read(0, length - head)])
+            head = self.size - start
+            if length > head:
+                return np.concatenate([self.read(start, head), self.read(0, length - head)])
         out = np.empty(length, dtype=np.int64)
         filled, shard = 0, bisect.bisect_right(self.starts, start) - 1
         while filled < length:

@@ -47,6 +47,7 @@ from minillama.data.sources import (
     DocumentUnit,
     SourceConfig,
     document_units,
+    first_chars,
     read_unit,
     resolve_source,
 )
@@ -287,18 +288,16 @@ def training_texts(cfg: DataConfig, max_chars: int | None = None) -> Iterator[st
     """The training split of every source, document by document, split exactly as `prepare_data` splits it;
     stops once `max_chars` are given. A tokenizer trained on these never sees the validation text (a BPE trained
     on it would learn the validation split's own words and flatter its loss)."""
-    total = 0
-    for source in cfg.sources:
-        units = document_units(resolve_source(source), source.text_field)
-        mode, val_docs = _val_selection(sum(u.n_docs for u in units), cfg.val_fraction, cfg.seed, source.name)
-        for unit in units:
-            for split, text in _split_documents(read_unit(unit)[0], cfg.val_fraction if mode == "tail" else 0.0,
-                                                val_docs):
-                if split == "train":
-                    yield text
-                    total += len(text)
-                    if max_chars is not None and total >= max_chars:
-                        return
+    def texts() -> Iterator[str]:
+        for source in cfg.sources:
+            units = document_units(resolve_source(source), source.text_field)
+            mode, val_docs = _val_selection(sum(u.n_docs for u in units), cfg.val_fraction, cfg.seed, source.name)
+            tail_fraction = cfg.val_fraction if mode == "tail" else 0.0
+            for unit in units:
+                yield from (text for split, text in _split_documents(read_unit(unit)[0], tail_fraction, val_docs)
+                            if split == "train")
+
+    return first_chars(texts(), max_chars)
 
 
 def _tasks(units: list[DocumentUnit], val_docs: frozenset[int], tail: float, target_bytes: int) -> list[_Task]:

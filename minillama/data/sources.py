@@ -17,7 +17,7 @@ import glob
 import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -349,22 +349,26 @@ def read_unit(unit: DocumentUnit) -> tuple[list[tuple[int, str]], int, str | Non
     raise ValueError(f"unknown unit kind {unit.kind}")
 
 
+def first_chars(texts: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    """`texts` as they come, stopping after the one that brings the total to `max_chars` (None: all of them)."""
+    total = 0
+    for text in texts:
+        yield text
+        total += len(text)
+        if max_chars is not None and total >= max_chars:
+            return
+
+
 def source_texts(sources: DataConfig | list[SourceConfig], max_chars: int | None = None) -> Iterator[str]:
-    """Every document of the sources as text, in order, in this process; stops once `max_chars` are given.
-    For training a tokenizer on a mixture: `train_bpe_from_texts(source_texts(cfg), vocab_size)`."""
+    """Every document of the sources as text, in order, in this process, validation split included; stops once
+    `max_chars` are given. To train a tokenizer use `prepare.training_texts`, which leaves the validation out."""
     if isinstance(sources, DataConfig):
         sources = sources.sources
-    total = 0
-    for source in sources:
-        for unit in document_units(resolve_source(source), source.text_field):
-            for _, text in read_unit(unit)[0]:
-                if text:
-                    yield text
-                    total += len(text)
-                    if max_chars is not None and total >= max_chars:
-                        return
+    texts = (text for source in sources for unit in document_units(resolve_source(source), source.text_field)
+             for _, text in read_unit(unit)[0] if text)
+    return first_chars(texts, max_chars)
 
 
-__all__ = ["SourceConfig", "source_texts", "DataConfig", "DataWarning", "data_config_from_table", "load_data_config",
-           "data_config_from_paths", "resolve_source", "document_units", "read_unit", "decode_utf8",
+__all__ = ["SourceConfig", "source_texts", "first_chars", "DataConfig", "DataWarning", "data_config_from_table",
+           "load_data_config", "data_config_from_paths", "resolve_source", "document_units", "read_unit", "decode_utf8",
            "PYTHON_DOCS", "PYTHON_SOURCE"]

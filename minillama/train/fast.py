@@ -142,7 +142,7 @@ class TrainingLoss(nn.Module):
         return self.model.output(self.model.norm(h))  # (B, T, V)
 
     def _loss(self, tokens: torch.Tensor, targets: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    blocked: bool) -> torch.Tensor:
+              blocked: bool) -> torch.Tensor:
         h = self._hidden_states(tokens, cos, sin, blocked, self._block, dropout=self.dropout if self.training else 0.0,
                                 checkpointing=self.activation_checkpointing)
         return self._head(h, targets)

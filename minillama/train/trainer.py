@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,13 +131,13 @@ class TimeBudget:
         self.budget_s, self.started, self.max_steps = budget_s, started, max_steps
         self.decide_at = max(1, min(warmup_steps, self.SKIP + self.FIRST_TIMED))
         self.eval_every, self.eval_cost_steps = eval_every, eval_cost_steps
-        self.step_seconds: list[float] = []
+        self.step_seconds: deque[float] = deque(maxlen=self.WINDOW)
 
     def observe(self, step: int, seconds: float) -> int | None:
         """Record the time of the step that ends at `step`; returns the run's total steps from `decide_at` on
         (never fewer than `step`: at `step` itself the time is up)."""
         if step > self.SKIP:
-            self.step_seconds = (self.step_seconds + [seconds])[-self.WINDOW:]
+            self.step_seconds.append(seconds)
         if step < self.decide_at:
             return None
         ordered = sorted(self.step_seconds) or [seconds]
