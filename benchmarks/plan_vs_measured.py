@@ -50,35 +50,32 @@ CUDA_RUNS = [("125m", 8, 2048, 1, "none"), ("125m", 8, 2048, 1, "full"), ("1b", 
 # The training step: the trainer's own.
 # --------------------------------------------------------------------------------------------------------------
 def build_training(cfg, device: str, dtype: str, micro_batch: int, activation_checkpointing: str):
-    """Model (meta -> device -> init_weights, as the trainer does), optimizer and step function."""
+    """The trainer's own model and step: `build_model` (meta -> device -> seeded init, train.attention = auto),
+    `build_optimizer`, `parallelize` (activation checkpointing) and `TrainStep`. On CPU the attention kernel is
+    the blocked one up to 1,024 positions, which keeps its softmax probabilities: the planner is asked for the
+    same kernel."""
     import torch
 
-    from minillama.model import Transformer
+    from minillama.train.config import OptimConfig, TrainConfig
+    from minillama.train.optim import build_optimizer
+    from minillama.train.parallelize import DistributedContext, parallelize
+    from minillama.train.trainer import TrainStep, build_model
 
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model.to_empty(device=device)
-    model.init_weights()
-    if cfg.tie_embeddings and model.output.weight is not model.tok_embeddings.weight:
-        # Module.to_empty gives every module a new Parameter, which unties a tied output projection (torch 2.x):
-        # the model would train V x C more weights (and their gradients and AdamW states) than it describes.
-        # Tie it back, as the constructor does, so the benchmark measures the model the planner plans.
-        model.output.weight = model.tok_embeddings.weight
-    try:
-        from minillama.train.config import OptimConfig
-        from minillama.train.optim import build_optimizer
-
-        optimizer = build_optimizer(model, OptimConfig())
-    except ImportError:
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=0.1, fused=True)
-    if activation_checkpointing == "full":
-        from minillama.train.parallelize import apply_activation_checkpointing
-
-        apply_activation_checkpointing(model)
-    from minillama.train.trainer import TrainStep
-
-    train_step = TrainStep(model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
+    model = build_model(cfg, TrainConfig(), torch.device(device))
+    optimizer = build_optimizer(model, OptimConfig())
+    train_model = parallelize(model, DistributedContext(device=torch.device(device)),
+                              activation_checkpointing=activation_checkpointing)
+    train_step = TrainStep(train_model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype)
     return model, train_step, "minillama.train.trainer.TrainStep"
+
+
+def attention_kernel(device: str, seq_len: int) -> str:
+    """The kernel the trainer's default (train.attention = auto) runs at this length on this device."""
+    import torch
+
+    from minillama.kernels import use_blocked_attention
+
+    return "blocked" if use_blocked_attention("auto", torch.device(device), seq_len) else "sdpa"
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -92,7 +89,7 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> float:
+def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256, seq_len: int | None = None) -> float:
     """Bytes per token autograd saves for one block, by census: (saved with 2 layers - saved with 1 layer),
     leaving out parameters and autocast's weight copies, divided by the tokens.
 
@@ -109,10 +106,13 @@ def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> fl
     from minillama.model import Transformer
     from minillama.plan.flops import layer_matmul_params
 
+    seq = min(seq_len or tokens, cfg.max_seq_len)
+    tokens = max(1, tokens // seq) * seq
+
     def census(n_layers: int) -> int:
         small = dataclasses.replace(cfg, n_layers=n_layers)
         torch.manual_seed(0)
-        model = Transformer(small).to(device)
+        model = Transformer(small, attention=attention_kernel(device, seq)).to(device)
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         kept: dict[int, int] = {}
         alive: list = []  # the saved tensors, held here rather than by the graph
@@ -124,7 +124,6 @@ def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> fl
             alive.append(t)
             return None  # never unpacked: no backward runs
 
-        seq = min(tokens, cfg.max_seq_len)
         x = torch.randint(0, cfg.vocab_size, (max(1, tokens // seq), seq), device=device)
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
             with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
@@ -136,14 +135,16 @@ def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256) -> fl
     return (census(2) - census(1) - weight_copies) / tokens
 
 
-def planned(cfg, micro_batch: int, seq_len: int, dtype: str, accumulation: int, ac: str) -> dict:
+def planned(cfg, micro_batch: int, seq_len: int, dtype: str, accumulation: int, ac: str, device: str) -> dict:
     from minillama.plan.memory import layer_activation_bytes, training_memory
     from minillama.plan.planner import parameter_counts
 
     params = parameter_counts(cfg)[0]
+    kernel = attention_kernel(device, seq_len)
     plan = training_memory(cfg, params, micro_batch=micro_batch, seq_len=seq_len, precision=dtype,
-                           activation_checkpointing=ac, grad_accum=accumulation)
-    plan["layer_activation_bytes_per_token"] = layer_activation_bytes(cfg, dtype, "none")
+                           activation_checkpointing=ac, grad_accum=accumulation, attention=kernel)
+    plan["layer_activation_bytes_per_token"] = layer_activation_bytes(cfg, dtype, "none", kernel, seq_len)
+    plan["attention"] = kernel
     return plan
 
 
@@ -160,7 +161,7 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
     batch = micro_batch * accumulation
     data = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1))
     inputs, targets = data[:, :-1].to(device), data[:, 1:].to(device)
-    plan = planned(cfg, micro_batch, seq_len, dtype, accumulation, ac)
+    plan = planned(cfg, micro_batch, seq_len, dtype, accumulation, ac, device)
     # Warm-up on a throwaway model of the same shape and batch: the first step pages in kernel code, starts
     # thread pools and JIT-compiles kernels for these shapes (oneDNN keeps them in its primitive cache). None of
     # that is training memory; all of it would count in RSS.
@@ -195,9 +196,10 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
     seconds_per_step = (time.perf_counter() - start) / steps
     del model, step
     gc.collect()
-    census = saved_bytes_per_layer(cfg, device, dtype)
+    census = saved_bytes_per_layer(cfg, device, dtype, tokens=2 * seq_len, seq_len=seq_len)
     return dict(preset=preset, device=device, dtype=dtype, micro_batch=micro_batch, seq_len=seq_len,
                 accumulation=accumulation, activation_checkpointing=ac, steps=steps, train_step=step_name,
+                attention=plan["attention"],
                 measured_bytes=measured, planned_bytes=planned_figure, ratio=measured / planned_figure,
                 what=("RSS growth above the built model vs planned total - weights" if device == "cpu"
                       else "max_memory_allocated vs planned total"),
@@ -227,7 +229,7 @@ def print_table(rows: list[dict]) -> None:
     cells = [[r["preset"], r["dtype"], f"{r['micro_batch']}x{r['seq_len']}", str(r["accumulation"]),
               r["activation_checkpointing"], f"{r['measured_bytes'] / 1e6:,.1f}", f"{r['planned_bytes'] / 1e6:,.1f}",
               f"{r['ratio']:.3f}", r["planned_peak_phase"],
-              f"{r['census_layer_bytes_per_token']:,.0f}/{r['planned_layer_bytes_per_token']:,}",
+              f"{r['census_layer_bytes_per_token']:,.0f}/{r['planned_layer_bytes_per_token']:,.0f}",
               f"{r['seconds_per_step']:.2f}"] for r in rows]
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))

@@ -209,8 +209,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> None:
+    from minillama.infer import sample_checkpoint
     from minillama.train import load_run_config, train
-    from minillama.train.setup import sample_text
 
     overrides = list(args.overrides)
     for flag, key in (("max_steps", "train.max_steps"), ("save_every", "train.save_every"), ("seed", "train.seed")):
@@ -227,7 +227,8 @@ def run_train(args: argparse.Namespace) -> None:
         print(f"checkpoint: {result.checkpoint}")
         if not result.stopped_by_signal:
             print("sample:")
-            print(sample_text(result.checkpoint, run))
+            print(sample_checkpoint(result.checkpoint, run.train.sample_prompt, run.train.sample_tokens,
+                                    seed=run.train.seed))
 
 
 def run_eval(args: argparse.Namespace) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from minillama.errors import MinillamaError
+from minillama.model import IGNORE_INDEX
+from minillama.runtime import autocast_context
 
 
 @dataclass
@@ -26,6 +28,30 @@ class EvalResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@torch.no_grad()
+def evaluate_loss(model: torch.nn.Module, batches, device: torch.device, dtype: str) -> tuple[float, int]:
+    """Total nats and scored-token count over (inputs, targets) batches, through the model's own loss; targets
+    equal to IGNORE_INDEX (padding at the end of a split) are not scored.
+
+    Compiled parts of the model run eagerly here: a forward-only graph would be compiled anew (~15 s for 15m on
+    2 cores) to save a few percent of an evaluation that takes seconds."""
+    was_training = model.training
+    model.eval()
+    total_nats, total_tokens = 0.0, 0
+    with torch.compiler.set_stance("force_eager"):
+        for inputs, targets in batches:
+            inputs, targets = inputs.to(device), targets.to(device)
+            scored = int((targets != IGNORE_INDEX).sum())
+            if scored == 0:
+                continue
+            with autocast_context(device, dtype):
+                mean_nats = model(inputs, targets)  # fp32, averaged over the scored positions
+            total_nats += mean_nats.item() * scored
+            total_tokens += scored
+    model.train(was_training)
+    return total_nats, total_tokens
 
 
 def text_windows(ids: list[int], seq_len: int, batch_size: int):
@@ -47,8 +73,6 @@ def text_windows(ids: list[int], seq_len: int, batch_size: int):
 
 def evaluate_text(model, tokenizer, text: str, seq_len: int | None = None, batch_size: int = 8,
                   dtype: str = "bf16") -> EvalResult:
-    from minillama.train.trainer import evaluate_loss
-
     seq_len = seq_len or model.cfg.max_seq_len
     ids = tokenizer.encode(text, bos=True, eos=True)
     device = next(model.parameters()).device
@@ -59,7 +83,6 @@ def evaluate_text(model, tokenizer, text: str, seq_len: int | None = None, batch
 def evaluate_prepared(model, data_dir: Path, seq_len: int | None = None, batch_size: int = 8,
                       dtype: str = "bf16", max_tokens: int | None = None) -> EvalResult:
     from minillama.data import MixtureLoader
-    from minillama.train.trainer import evaluate_loss
 
     seq_len = seq_len or model.cfg.max_seq_len
     loader = MixtureLoader(data_dir, seq_len=seq_len, batch_size=batch_size, seed=0, split="val")

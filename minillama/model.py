@@ -1,16 +1,19 @@
 """The LLaMA architecture, one file, top to bottom.
 
-    tokens -> embedding -> n_layers x Block -> RMSNorm -> output projection -> logits
+    tokens -> embedding -> n_layers x Block -> RMSNorm -> output projection -> logits, or the loss
     Block:  x = x + Attention(RMSNorm(x))        grouped-query attention with rotary position embeddings
             x = x + FeedForward(RMSNorm(x))      SwiGLU
 
 The math follows Meta's reference model.py (LLaMA 1/2/3) and the papers: pre-norm with RMSNorm (Zhang & Sennrich
 2019), SwiGLU (Shazeer 2020), RoPE (Su et al. 2021) with Llama 3.1's frequency scaling, grouped-query attention
 (Ainslie et al. 2023). Rotary embeddings use the "rotate half" layout of Hugging Face checkpoints, so our weights
-are theirs without permutation. Shapes in comments: B batch, T new tokens, S positions attended to (cache + new),
-H query heads, K key/value heads, D head dim, C model dim, V vocabulary.
+are theirs without permutation. Shapes in comments: B batch, T new tokens, S positions attended to, H query
+heads, K key/value heads, D head dim, C model dim, V vocabulary.
 
-Nothing here knows about parallelism, compilation or quantization: those wrap the model from outside.
+This is the only copy of the math: training, evaluation and decoding all run `Transformer.forward`. Speed comes
+from choices made inside (the attention kernel, see kernels.py; the loss computed in the forward) and from
+wrappers applied outside (compile, activation checkpointing, DDP/FSDP in train/parallelize.py; quantized
+Linears in infer/). Nothing here knows about parallelism, compilation or quantization.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.config import ModelConfig, RopeScaling
+from minillama.kernels import ATTENTION_KERNELS, causal_attention_blocked, use_blocked_attention
+
+IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets equal to it (padding) carry no loss
 
 
 class RMSNorm(nn.Module):
@@ -61,78 +67,110 @@ def rope_inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling |
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency for the given positions, each (T, D), computed in fp32."""
-    angles = positions.float()[:, None] * inv_freq[None, :]  # (T, D/2)
-    angles = torch.cat([angles, angles], dim=-1)  # (T, D): "rotate half" pairs dim i with dim i + D/2
+    """cos and sin of position * frequency, each (B, T, 1, D/2) for positions (B, T), in fp32. Computed once per
+    forward and shared by every layer (inside a compiled block the compiler would recompute them per element)."""
+    angles = positions.float()[:, :, None, None] * inv_freq  # (B, T, 1, D/2): the 1 broadcasts over heads
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each (x_i, x_{i+D/2}) pair of x (B, heads, T, D) by its position's angle."""
-    first, second = x.chunk(2, dim=-1)
-    rotated_half = torch.cat([-second, first], dim=-1)
-    return (x * cos + rotated_half * sin).to(x.dtype)
+    """Rotate each (x_i, x_{i+D/2}) pair of x (B, T, heads, D) by its position's angle ("rotate half" layout).
+
+    Written as the two rotated halves rather than x * cos + rotate_half(x) * sin: the same products and sums,
+    without the concatenated copy of (-x2, x1) that a compiler would materialise. Applied before the heads are
+    transposed (as in Meta's model.py), so q keeps the (B, T, H, D) memory order that attention's output inherits
+    and the output projection reads without a copy."""
+    x1, x2 = x.chunk(2, dim=-1)  # (B, T, heads, D/2) each
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Attention with grouped-query heads and an optional KV cache
+# The KV cache: an argument to forward, never state inside the model
 # --------------------------------------------------------------------------------------------------------------
 @dataclass
 class KVCache:
-    """Keys and values of past positions for every layer, filled in place during decoding.
+    """Keys and values of past positions for every layer, in fixed-size buffers, with each row's own length.
 
-    k, v: (n_layers, B, K, max_len, D). The model reads and writes slices; it is an argument to forward, not
-    state inside the model, so one model serves any number of caches (batching, speculative decoding).
+    k, v: (n_layers, B, K, max_len, D); lengths: (B,) int64, the positions each row holds. A forward with the cache
+    writes its new keys at the rows' `positions` and attends over the buffer through a mask (a key is seen iff its
+    position <= the query's), so rows of one batch sit at different positions, a row is reset by setting its length
+    to 0 (what it held is masked out, then overwritten) and rolled back by lowering it (speculative decoding).
+    `static` keeps the attended span at max_len so that shapes never change (CUDA graphs); otherwise a forward
+    attends only up to the longest row. `rows(a, b)` is a view of some rows, to prefill or decode them alone.
     """
 
     k: torch.Tensor
     v: torch.Tensor
+    lengths: torch.Tensor
+    static: bool = False
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, device: torch.device | str = "cpu",
-              dtype: torch.dtype = torch.float32) -> KVCache:
+    def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype,
+              device: torch.device | str = "cpu", static: bool = False) -> KVCache:
         shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+                   torch.zeros(batch_size, device=device, dtype=torch.long), static)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows [start, stop) as a cache of their own: views, so writes land in this cache."""
+        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], self.static)
+
+    def reset(self, row: int | None = None) -> None:
+        """Empty one row (or all): its next forward starts at position 0."""
+        if row is None:
+            self.lengths.zero_()
+        else:
+            self.lengths[row] = 0
 
 
+# --------------------------------------------------------------------------------------------------------------
+# Attention with grouped-query heads, the kernel chosen here
+# --------------------------------------------------------------------------------------------------------------
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, kernel: str = "auto"):
         super().__init__()
+        if kernel not in ATTENTION_KERNELS:
+            raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.kernel = kernel  # auto | sdpa | blocked (kernels.py); used without a cache
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Without a cache: causal attention over the T tokens. With one (this layer's (B, K, max_len, D) k and v
+        buffers, the tokens' positions (B, T) and the (B, 1, T, S) mask of visible keys): write, then attend."""
         B, T, _ = x.shape
-        q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, D)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)  # (B, T, H, D)
+        k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)  # (B, T, K, D)
+        v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, D)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H or K, T, D)
 
+        gqa = self.n_kv_heads != self.n_heads  # each of the K key/value heads serves H/K query heads
         if cache is None:
-            # Training and full-sequence scoring: plain causal attention, flash kernels where available.
-            mask, causal = None, True
-        else:
-            cache_k, cache_v = cache  # (B, K, max_len, D) views into the KVCache
-            cache_k[:B, :, start_pos:start_pos + T] = k.to(cache_k.dtype)
-            cache_v[:B, :, start_pos:start_pos + T] = v.to(cache_v.dtype)
-            k = cache_k[:B, :, :start_pos + T].to(q.dtype)  # (B, K, S, D), S = start_pos + T
-            v = cache_v[:B, :, :start_pos + T].to(q.dtype)
-            if T == 1:
-                mask, causal = None, False  # one new token sees every cached position
-            elif start_pos == 0:
-                mask, causal = None, True  # prefill of an empty cache is ordinary causal attention
+            if use_blocked_attention(self.kernel, x.device, T):
+                out = causal_attention_blocked(q, k, v)  # (B, H, T, D)
             else:
-                # T new tokens after start_pos cached ones: token t sees positions <= start_pos + t.
-                mask = torch.ones(T, start_pos + T, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
-                causal = False
-
-        # Grouped-query attention: each of the K key/value heads serves H/K query heads.
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
-                                             enable_gqa=self.n_kv_heads != self.n_heads)  # (B, H, T, D)
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
+        else:
+            cache_k, cache_v = cache  # (B, K, max_len, D)
+            index = positions[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)  # (B, K, T, D)
+            cache_k.scatter_(2, index, k.to(cache_k.dtype))
+            cache_v.scatter_(2, index, v.to(cache_v.dtype))
+            span = mask.shape[-1]  # S: the positions any row of this batch can see
+            k, v = cache_k[:, :, :span].to(q.dtype), cache_v[:, :, :span].to(q.dtype)  # (B, K, S, D)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 
@@ -150,31 +188,49 @@ class FeedForward(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto", dropout: float = 0.0):
         super().__init__()
+        self.dropout = dropout
         self.attention_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.attention = Attention(cfg)
+        self.attention = Attention(cfg, attention)
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: tuple[torch.Tensor, torch.Tensor] | None = None, start_pos: int = 0) -> torch.Tensor:
-        x = x + self.attention(self.attention_norm(x), cos, sin, cache, start_pos)  # (B, T, C)
-        return x + self.feed_forward(self.ffn_norm(x))  # (B, T, C)
+                cache: tuple[torch.Tensor, torch.Tensor] | None = None, positions: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        attended = self.attention(self.attention_norm(x), cos, sin, cache, positions, mask)
+        x = x + _dropout(attended, self.dropout, self.training)  # (B, T, C)
+        return x + _dropout(self.feed_forward(self.ffn_norm(x)), self.dropout, self.training)  # (B, T, C)
+
+
+def _dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """nanoGPT's residual and embedding dropout; p = 0 (LLaMA's setting) leaves the graph untouched."""
+    return F.dropout(x, p) if p and training else x
 
 
 class Transformer(nn.Module):
-    """A LLaMA-family decoder. forward(tokens (B, T)) -> logits (B, T, V).
+    """A LLaMA-family decoder.
 
-    Built under `torch.device("meta")` it allocates nothing (count a 405B model on a laptop); `to_empty(device=...)`
-    then `init_weights()` materialises it. Built anywhere else it is initialised at once.
+        forward(tokens (B, T))                    -> logits (B, T, V)
+        forward(tokens, targets (B, T))           -> mean next-token cross-entropy, fp32 scalar
+        forward(tokens, cache=KVCache)            -> logits, the cache extended by the tokens (decoding)
+        forward(..., logits_index=(B, N) or -1)   -> logits of those positions only, (B, N, V) or (B, 1, V)
+
+    `attention` picks the kernel used without a cache (kernels.py); `dropout` applies to the embeddings and each
+    residual branch in training mode (nanoGPT's; LLaMA uses none). Built under `torch.device("meta")` it
+    allocates nothing (count a 405B model on a laptop); `to_empty(device=...)` then `init_weights()` materialises
+    it. Built anywhere else it is initialised at once.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, attention: str = "auto", dropout: float = 0.0):
         super().__init__()
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
         self.cfg = cfg
+        self.dropout = dropout
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
-        self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.layers = nn.ModuleList(Block(cfg, attention, dropout) for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         if cfg.tie_embeddings:
@@ -207,17 +263,48 @@ class Transformer(nn.Module):
         inv_freq = rope_inverse_frequencies(self.cfg.head_dim, self.cfg.rope_theta, self.cfg.rope_scaling)
         self.rope_inv_freq = inv_freq.to(self.tok_embeddings.weight.device)
 
-    def forward(self, tokens: torch.Tensor, kv_cache: KVCache | None = None, start_pos: int = 0) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                positions: torch.Tensor | None = None, logits_index: torch.Tensor | int | None = None
+                ) -> torch.Tensor:
         B, T = tokens.shape
-        if start_pos + T > self.cfg.max_seq_len:
-            raise ValueError(f"sequence of {start_pos + T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
-        positions = torch.arange(start_pos, start_pos + T, device=tokens.device)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, positions)  # (T, D) each
-        h = self.tok_embeddings(tokens)  # (B, T, C)
+        mask = None
+        if cache is not None:
+            # Each row continues where it stands unless told otherwise; keys are visible up to the query's position.
+            if positions is None:
+                positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
+            last = int(positions.max())  # one host sync per forward: it sizes the span and checks the context
+            if last >= min(self.cfg.max_seq_len, cache.max_len):
+                raise ValueError(f"position {last} is beyond the context: max_seq_len={self.cfg.max_seq_len}, "
+                                 f"cache max_len={cache.max_len}")
+            span = cache.max_len if cache.static else last + 1
+            mask = torch.arange(span, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, S)
+        elif positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(f"sequence of {T} positions exceeds max_seq_len={self.cfg.max_seq_len}")
+            positions = torch.arange(T, device=tokens.device)[None]  # (1, T): the same for every row
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions)  # (B or 1, T, 1, D/2) each
+
+        h = _dropout(self.tok_embeddings(tokens), self.dropout, self.training)  # (B, T, C)
         for i, layer in enumerate(self.layers):
-            cache = None if kv_cache is None else (kv_cache.k[i], kv_cache.v[i])
-            h = layer(h, cos, sin, cache, start_pos)  # (B, T, C)
-        return self.output(self.norm(h))  # (B, T, V)
+            layer_cache = None if cache is None else (cache.k[i], cache.v[i])
+            h = layer(h, cos, sin, layer_cache, positions if cache is not None else None, mask)  # (B, T, C)
+        if cache is not None:
+            cache.lengths.copy_(positions[:, -1] + 1)
+
+        if targets is not None:
+            return self.head_loss(h, targets)
+        if isinstance(logits_index, int):
+            h = h[:, logits_index:][:, :1]  # (B, 1, C)
+        elif logits_index is not None:
+            h = h.gather(1, logits_index[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, N, C)
+        return self.output(self.norm(h))  # (B, T or N, V)
+
+    def head_loss(self, h: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Final norm, output projection and the mean next-token cross-entropy in fp32 (IGNORE_INDEX targets
+        skipped). A method of its own so that train/parallelize.py can compile it: compiled, the projection, the
+        upcast and the log-softmax fuse, and the (B, T, V) logits never exist in fp32."""
+        logits = self.output(self.norm(h))  # (B, T, V), bf16 under autocast
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
 
     def num_params(self, embeddings: bool = True) -> int:
         """Parameters, counted once each (a tied embedding is one matrix). embeddings=False leaves out the

@@ -65,19 +65,85 @@ def test_forward_shapes_and_tied_embeddings():
     assert untied.num_params() == model.num_params() + cfg.vocab_size * cfg.dim
 
 
-@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
-def test_kv_cache_logits_equal_full_sequence_logits(n_kv_heads):
+def _cache_model(n_kv_heads: int = 2) -> Transformer:
     torch.manual_seed(0)
     cfg = ModelConfig(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=97, ffn_hidden_dim=96,
                       max_seq_len=64, rope_scaling=dict(factor=8.0, original_max_position_embeddings=16))
-    model = Transformer(cfg).eval()
-    tokens = torch.randint(0, cfg.vocab_size, (2, 24))
+    return Transformer(cfg).eval()
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1])
+def test_kv_cache_logits_equal_full_sequence_logits(n_kv_heads):
+    model = _cache_model(n_kv_heads)
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 24))
     with torch.no_grad():
         full = model(tokens)
-        cache = KVCache.empty(cfg, batch_size=2, max_len=32)
-        chunks = [model(tokens[:, :9], cache, 0), model(tokens[:, 9:15], cache, 9)]  # prefill, then a chunk
-        chunks += [model(tokens[:, t:t + 1], cache, t) for t in range(15, 24)]  # one token at a time
+        cache = KVCache.empty(model.cfg, batch_size=2, max_len=32, dtype=torch.float32)
+        chunks = [model(tokens[:, :9], cache=cache), model(tokens[:, 9:15], cache=cache)]  # prefill, then a chunk
+        chunks += [model(tokens[:, t:t + 1], cache=cache) for t in range(15, 24)]  # one token at a time
+    assert cache.lengths.tolist() == [24, 24]
     assert torch.allclose(torch.cat(chunks, dim=1), full, atol=1e-5)
+
+
+def _greedy_alone(model: Transformer, prompt: list[int], steps: int) -> tuple[list[int], torch.Tensor]:
+    """Greedy tokens and their logits for one prompt decoded by itself in a cache of its own."""
+    cache = KVCache.empty(model.cfg, batch_size=1, max_len=64, dtype=torch.float32)
+    logits = model(torch.tensor([prompt]), cache=cache, logits_index=-1)[:, -1]
+    tokens, all_logits = [], []
+    for _ in range(steps):
+        all_logits.append(logits[0])
+        tokens.append(int(logits.argmax()))
+        logits = model(torch.tensor([[tokens[-1]]]), cache=cache)[:, -1]
+    return tokens, torch.stack(all_logits)
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["span", "static"])
+def test_rows_at_different_positions_with_resets_decode_as_each_row_alone(static):
+    """Three rows share one cache: prompts of different lengths prefilled row by row, decoded together, and row 1
+    reset mid-way and reused for a new prompt while the others go on. Every row's greedy tokens equal that
+    prompt decoded alone, and its logits agree to fp32 rounding."""
+    model = _cache_model()
+    generator = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(0, 97, (n,), generator=generator).tolist() for n in (5, 11, 2, 7)]
+    steps = 12
+    expected = [_greedy_alone(model, p, steps) for p in prompts]
+
+    cache = KVCache.empty(model.cfg, batch_size=3, max_len=64, dtype=torch.float32, static=static)
+    got_tokens: list[list[int]] = [[], [], [], []]
+    got_logits: list[list[torch.Tensor]] = [[], [], [], []]
+    row_prompt = [0, 1, 2]  # which prompt each cache row is decoding
+    last = torch.zeros(3, model.cfg.vocab_size)
+    with torch.no_grad():
+        for row, prompt in enumerate(prompts[:3]):  # each row prefilled alone, in its own view of the cache
+            last[row] = model(torch.tensor([prompt]), cache=cache.rows(row, row + 1), logits_index=-1)[0, -1]
+        for step in range(steps + 6):
+            if step == 6:  # row 1 stops after 6 tokens; the same row takes prompt 3 from position 0
+                cache.reset(1)
+                row_prompt[1] = 3
+                last[1] = model(torch.tensor([prompts[3]]), cache=cache.rows(1, 2), logits_index=-1)[0, -1]
+            next_ids = []
+            for row in range(3):
+                p = row_prompt[row]
+                if len(got_tokens[p]) < steps:
+                    got_logits[p].append(last[row].clone())
+                    got_tokens[p].append(int(last[row].argmax()))
+                next_ids.append(got_tokens[p][-1])
+            last = model(torch.tensor(next_ids)[:, None], cache=cache)[:, -1]  # all three rows, one step each
+    assert cache.lengths.tolist()[0] == len(prompts[0]) + steps + 6
+    for p, (tokens, logits) in enumerate(expected):
+        if p == 1:  # prompt 1 ran only 6 steps before its row was reset
+            tokens, logits = tokens[:6], logits[:6]
+        assert got_tokens[p][:len(tokens)] == tokens, p
+        torch.testing.assert_close(torch.stack(got_logits[p][:len(tokens)]), logits, rtol=1e-5, atol=1e-5)
+
+
+def test_cache_positions_beyond_the_context_are_refused():
+    model = _cache_model()
+    cache = KVCache.empty(model.cfg, batch_size=1, max_len=8, dtype=torch.float32)
+    with torch.no_grad():
+        model(torch.zeros(1, 8, dtype=torch.long), cache=cache)
+        with pytest.raises(ValueError, match="beyond the context"):
+            model(torch.zeros(1, 1, dtype=torch.long), cache=cache)
 
 
 def test_causality_future_tokens_do_not_change_past_logits():

@@ -131,10 +131,11 @@ def test_flops_per_token_formula():
     assert flops_per_token(cfg, 8192, training=False) == expected / 3
 
 
-def _saved_bytes(cfg, tokens, mode):
-    """Bytes of distinct non-parameter storages autograd saves for a forward + loss (census)."""
+def _saved_bytes(cfg, tokens, mode, attention="sdpa", seq_len=None):
+    """Bytes of distinct non-parameter storages autograd saves for a forward + loss (census), over sequences of
+    `seq_len` (default: two sequences of tokens / 2)."""
     torch.manual_seed(0)
-    model = Transformer(cfg)
+    model = Transformer(cfg, attention=attention)
     if mode == "pure-bf16":
         model = model.to(torch.bfloat16)
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -148,12 +149,29 @@ def _saved_bytes(cfg, tokens, mode):
         alive.append(t)
         return None
 
-    x, y = torch.randint(0, cfg.vocab_size, (2, 2, tokens // 2))
+    seq_len = seq_len or tokens // 2
+    x, y = torch.randint(0, cfg.vocab_size, (2, tokens // seq_len, seq_len))
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda packed: packed):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
             F.cross_entropy(model(x).float().flatten(0, 1), y.flatten())
     alive.clear()
     return sum(kept.values())
+
+
+@pytest.mark.parametrize("seq_len", [64, 100, 150])
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+def test_blocked_attention_activation_formula_matches_the_census(mode, seq_len):
+    """What CPU training runs: the blocked kernel keeps its softmax probabilities (the staircase of query blocks;
+    100 and 150 end in a ragged block) instead of sdpa's log-sum-exp."""
+    tokens = 300 if seq_len != 64 else 128
+    tokens = tokens - tokens % seq_len
+    one, two = (ModelConfig.from_preset("15m", n_layers=n) for n in (1, 2))
+    weight_copies = 2 * sum(layer_matmul_params(one).values()) if mode == "bf16" else 0
+    census = [_saved_bytes(cfg, tokens, mode, "blocked", seq_len) for cfg in (two, one)]
+    per_layer = census[0] - census[1] - weight_copies
+    expected = layer_activation_bytes(one, mode, attention="blocked", seq_len=seq_len) * tokens
+    assert per_layer == pytest.approx(expected, abs=0.5)
+    assert per_layer > layer_activation_bytes(one, mode) * tokens  # more than sdpa keeps
 
 
 @pytest.mark.parametrize("mode", ["bf16", "fp32", "pure-bf16"])
@@ -167,7 +185,7 @@ def test_activation_formula_matches_saved_tensor_census(mode):
     assert per_layer == layer_activation_bytes(one, mode) * tokens
     head_copies = 2 * one.dim * one.vocab_size if mode == "bf16" else 0
     rest = _saved_bytes(one, tokens, mode) - per_layer - weight_copies - head_copies
-    rope_tables = 2 * 4 * (tokens // 2) * one.head_dim  # cos and sin, shared by all layers
+    rope_tables = 2 * 4 * (tokens // 2) * one.head_dim // 2  # fp32 cos and sin (T, D/2), shared by all layers
     assert rest == head_activation_bytes(one, mode) * tokens + rope_tables + 4  # + the loss scalar
 
 
@@ -188,7 +206,8 @@ def test_benchmark_census_leaves_nothing_alive():
     spec.loader.exec_module(bench)
     cfg = ModelConfig.from_preset("tiny")
     before = _live_tensor_ids()
-    assert bench.saved_bytes_per_layer(cfg, "cpu", "bf16", tokens=64) == layer_activation_bytes(cfg, "bf16")
+    assert bench.saved_bytes_per_layer(cfg, "cpu", "bf16", tokens=64) == layer_activation_bytes(
+        cfg, "bf16", attention="blocked", seq_len=64)  # the kernel CPU training runs
     assert _saved_bytes(cfg, 64, "bf16") > 0
     assert _live_tensor_ids() - before == set()
 

@@ -51,8 +51,8 @@ import torch
 
 from minillama.data.prepare import SPLITS, read_manifest
 from minillama.errors import MinillamaError
+from minillama.model import IGNORE_INDEX  # padded targets carry no loss
 
-IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index: padded targets add no loss
 _M64 = (1 << 64) - 1
 _GOLDEN = 0x9E3779B97F4A7C15  # round(2^64 / golden ratio), odd
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 
@@ -31,7 +32,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
     dtype = next(model.parameters()).dtype
     cache = KVCache.empty(cfg, batch_size=1, max_len=total, device=device, dtype=dtype)
     tokens = torch.tensor([prompt_ids], device=device)
-    logits = model(tokens, cache, start_pos=0)[:, -1]  # prefill: (1, V)
+    logits = model(tokens, cache=cache, logits_index=-1)[:, -1]  # prefill: (1, V)
     position = len(prompt_ids)
     try:
         while position < total:
@@ -42,7 +43,7 @@ def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int,
             yield token
             if position + 1 >= total:
                 return
-            logits = model(next_id[:, None], cache, start_pos=position)[:, -1]
+            logits = model(next_id[:, None], cache=cache)[:, -1]
             position += 1
     finally:
         model.train(was_training)
@@ -55,3 +56,15 @@ def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 2
     new = list(generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
                             stop_ids=(tokenizer.eos_id,)))
     return tokenizer.decode(new)
+
+
+def sample_checkpoint(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+                      top_k: int | None = 200, seed: int | None = None) -> str:
+    """The prompt and its continuation by a saved checkpoint (what `minillama train` prints at the end)."""
+    from minillama.checkpoint import load
+
+    model, tokenizer = load(checkpoint)
+    if tokenizer is None:
+        raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")
+    return prompt + generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                             top_k=top_k, seed=seed)

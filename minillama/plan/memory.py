@@ -17,7 +17,10 @@ Kv = kv_heads x head_dim, H heads, F SwiGLU width, a activation bytes (2 in bf16
     matmul inputs    autocast casts the norm output to bf16 once per consuming matmul: 3 for wq/wk/wv, 2 for
                      w1/w3 (5aC in all); in fp32 the three (two) matmuls share one saved input
     attention        q, k, v after RoPE and the output (a·(2Hq + 2Kv)), the log-sum-exp (4H). Fused (flash /
-                     memory-efficient) attention keeps no T x T matrix; with GQA k and v are not repeated
+                     memory-efficient) attention keeps no T x T matrix; with GQA k and v are not repeated.
+                     The blocked kernel (kernels.py, CPU training) keeps no log-sum-exp but its softmax
+                     probabilities: H x (keys each query block sees) per token, a bytes each, about
+                     a·H·(T + 64)/2 per token for query blocks of 64
     SwiGLU           w1 x, w3 x, silu(w1 x) and their product (4aF)
 For bf16 autocast this is 26C + 4Hq + 4Kv + 4H + 8F + 8 bytes per token per layer; compare Korthikanti et al.
 2022 (eq. 1), 34·C + 5·H·T for GPT with 16-bit norms and an unfused attention. The head keeps the final norm, its
@@ -45,6 +48,7 @@ from dataclasses import dataclass
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
+from minillama.kernels import QUERY_BLOCK
 from minillama.plan.flops import layer_matmul_params
 
 PRECISIONS = ("bf16", "fp32", "mixed", "pure-bf16")
@@ -90,8 +94,19 @@ def _norm_bytes(cfg: ModelConfig, policy: Policy) -> int:
     return 4 * C + 4 + 2 * C + 2 * C
 
 
-def layer_activation_bytes(cfg: ModelConfig, precision: str = "bf16", activation_checkpointing: str = "none") -> int:
-    """Bytes autograd keeps per token for one transformer block until that block's backward."""
+def blocked_attention_keys_per_token(seq_len: int, query_block: int = QUERY_BLOCK) -> float:
+    """Mean number of keys whose probabilities the blocked kernel keeps per query position: the block [start,
+    end) keeps n x end of them."""
+    kept = sum((min(seq_len, start + query_block) - start) * min(seq_len, start + query_block)
+               for start in range(0, seq_len, query_block))
+    return kept / seq_len
+
+
+def layer_activation_bytes(cfg: ModelConfig, precision: str = "bf16", activation_checkpointing: str = "none",
+                           attention: str = "sdpa", seq_len: int | None = None) -> int | float:
+    """Bytes autograd keeps per token for one transformer block until that block's backward. `attention` is the
+    kernel that runs ("sdpa" or "blocked", resolved: see kernels.use_blocked_attention); "blocked" needs
+    `seq_len`, since its probabilities grow with it."""
     policy = get_policy(precision)
     if activation_checkpointing not in CHECKPOINTING:
         raise MinillamaError(f"unknown activation checkpointing {activation_checkpointing!r}; "
@@ -105,8 +120,15 @@ def layer_activation_bytes(cfg: ModelConfig, precision: str = "bf16", activation
         # block input + outputs of wq, wk, wv, attention (+ log-sum-exp), wo, w1, w3, w2
         return policy.residual * C + a * (q_width + 2 * kv_width) + a * q_width + 4 * H + 2 * a * C + 2 * a * F
     matmul_inputs = 5 * a * C if policy.autocast else 0  # fp32/16-bit models: the norm's saved output is the input
-    attention = a * (2 * q_width + 2 * kv_width) + 4 * H
-    return 2 * _norm_bytes(cfg, policy) + matmul_inputs + attention + 4 * a * F
+    if attention == "blocked":
+        if seq_len is None:
+            raise MinillamaError("the blocked attention kernel's activations depend on the sequence length")
+        attention_bytes = a * (2 * q_width + 2 * kv_width) + a * H * blocked_attention_keys_per_token(seq_len)
+    elif attention == "sdpa":
+        attention_bytes = a * (2 * q_width + 2 * kv_width) + 4 * H
+    else:
+        raise MinillamaError(f"unknown attention kernel {attention!r}; expected 'sdpa' or 'blocked'")
+    return 2 * _norm_bytes(cfg, policy) + matmul_inputs + attention_bytes + 4 * a * F
 
 
 def head_activation_bytes(cfg: ModelConfig, precision: str = "bf16") -> int:
@@ -124,15 +146,16 @@ def loss_backward_transient_bytes(cfg: ModelConfig) -> int:
 
 
 def activation_bytes_per_sequence(cfg: ModelConfig, seq_len: int, dtype: str = "bf16",
-                                  activation_checkpointing: str = "none") -> int:
+                                  activation_checkpointing: str = "none", attention: str = "sdpa") -> int:
     """Peak activation bytes one sequence of `seq_len` tokens adds to a training step on one device: every
     block's saved tensors, the head's, the loss's backward transients, and (with checkpointing) one recomputed
-    block. `dtype` is the trainer's ("bf16" autocast or "fp32") or any precision policy above."""
-    per_token = (cfg.n_layers * layer_activation_bytes(cfg, dtype, activation_checkpointing)
+    block. `dtype` is the trainer's ("bf16" autocast or "fp32") or any precision policy above; `attention` the
+    kernel that runs."""
+    per_token = (cfg.n_layers * layer_activation_bytes(cfg, dtype, activation_checkpointing, attention, seq_len)
                  + head_activation_bytes(cfg, dtype) + loss_backward_transient_bytes(cfg))
     if activation_checkpointing != "none":
-        per_token += layer_activation_bytes(cfg, dtype, "none")
-    return per_token * seq_len
+        per_token += layer_activation_bytes(cfg, dtype, "none", attention, seq_len)
+    return round(per_token * seq_len)
 
 
 def _ceil_div(a: float, b: float) -> int:
@@ -141,7 +164,7 @@ def _ceil_div(a: float, b: float) -> int:
 
 def training_memory(cfg: ModelConfig | None, params: int, *, micro_batch: int = 1, seq_len: int = 2048,
                     precision: str = "bf16", dp: int = 1, tp: int = 1, pp: int = 1, zero: int = 0,
-                    activation_checkpointing: str = "none", grad_accum: int = 1) -> dict:
+                    activation_checkpointing: str = "none", grad_accum: int = 1, attention: str = "sdpa") -> dict:
     """Peak training memory per GPU in bytes, as parts that sum to `total` at the peak moment:
     weights, gradients, optimizer, activations, working_weights; plus `peak_phase` naming the moment.
 
@@ -169,8 +192,8 @@ def training_memory(cfg: ModelConfig | None, params: int, *, micro_batch: int = 
     else:
         working = policy.working_copy * (layers_per_stage * layer_params + head_params / pp) / tp
     tokens = micro_batch * seq_len
-    layer_act = layer_activation_bytes(cfg, precision, activation_checkpointing) * tokens / tp
-    full_layer_act = layer_activation_bytes(cfg, precision, "none") * tokens / tp
+    layer_act = layer_activation_bytes(cfg, precision, activation_checkpointing, attention, seq_len) * tokens / tp
+    full_layer_act = layer_activation_bytes(cfg, precision, "none", attention, seq_len) * tokens / tp
     recompute = full_layer_act if activation_checkpointing != "none" else 0.0
     head_act = head_activation_bytes(cfg, precision) * tokens / tp
     logits_transient = loss_backward_transient_bytes(cfg) * tokens / tp
@@ -249,5 +272,6 @@ def kv_cache_bytes_per_token(cfg: ModelConfig, dtype: str = "bf16") -> int:
 
 
 __all__ = ["PRECISIONS", "CHECKPOINTING", "POLICIES", "Policy", "get_policy", "layer_activation_bytes",
+           "blocked_attention_keys_per_token",
            "head_activation_bytes", "loss_backward_transient_bytes", "activation_bytes_per_sequence",
            "training_memory", "min_gpus_to_train", "WEIGHT_BYTES", "weight_bytes", "kv_cache_bytes_per_token"]

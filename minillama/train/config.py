@@ -16,6 +16,7 @@ from typing import Any
 from minillama.config import ModelConfig, apply_overrides, build_dataclass, model_config_from_table, read_toml
 from minillama.data.sources import DataConfig, data_config_from_paths, data_config_from_table
 from minillama.errors import MinillamaError
+from minillama.kernels import ATTENTION_KERNELS
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -64,14 +65,13 @@ class TrainConfig:
     save_every: int = 500
     keep_last: int = 2
     max_bad_steps: int = 5  # this many non-finite losses or gradients in a row stop the run
-    compile: bool = False
-    # Train through train/fast.py: the same parameters and, in fp32, the same loss and gradients as model.py
-    # (tests/test_train_step.py), faster (blocked attention on CPU, loss inside the forward, reused memory);
-    # false trains through model.py's own forward.
-    fast_path: bool = True
+    compile: bool = False  # torch.compile each block and the loss head (train/parallelize.py)
+    # The attention kernel (minillama/kernels.py): "auto" is the blocked kernel on CPU up to 1,024 positions
+    # (2-4x faster forward + backward there), PyTorch's scaled_dot_product_attention elsewhere.
+    attention: str = "auto"  # "auto" | "sdpa" | "blocked"
     activation_checkpointing: str = "none"  # "none" | "full"
     # Dropout on the embeddings and on each residual branch's output while training (nanoGPT's embedding and
-    # residual dropout). LLaMA uses none; a small corpus seen for many epochs can want it. Needs fast_path.
+    # residual dropout). LLaMA uses none; a small corpus seen for many epochs can want it.
     dropout: float = 0.0
     sample_prompt: str = ""
     sample_tokens: int = 200
@@ -93,9 +93,9 @@ class TrainConfig:
                                  f"{self.activation_checkpointing!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MinillamaError(f"train.dropout must be in [0, 1), got {self.dropout}")
-        if self.dropout and not self.fast_path:
-            raise MinillamaError(f"train.dropout={self.dropout} needs train.fast_path = true (model.py has no "
-                                 "dropout)")
+        if self.attention not in ATTENTION_KERNELS:
+            raise MinillamaError(f"train.attention must be one of {', '.join(ATTENTION_KERNELS)}, got "
+                                 f"{self.attention!r}")
 
     @property
     def batch_size(self) -> int:

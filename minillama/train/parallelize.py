@@ -73,37 +73,37 @@ class DistributedContext:
 def apply_activation_checkpointing(model: nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of storing them (Chen et al. 2016).
 
-    The block's own forward is wrapped in place, so parameter names (and so checkpoints) do not change."""
+    The block's own forward is wrapped in place, so parameter names (and so checkpoints) do not change and the
+    block's hooks still fire around it."""
     for block in model.layers:
         if not isinstance(block.forward, functools.partial):
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
 
 
-def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = False,
-                activation_checkpointing: str = "none", fast_path: bool = False, dropout: float = 0.0) -> nn.Module:
-    """Returns the module to call for training; `model` itself stays the plain Transformer to save (compile
-    and DDP wrap it without copying its parameters).
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile each block in place, and the head (final norm, output projection, loss).
 
-    With `fast_path` that module is train/fast.py's `TrainingLoss` (tokens and targets in, loss out; TrainStep
-    knows it by its `computes_loss` flag), which compiles block by block and does the activation checkpointing
-    itself; on CPU the process then keeps freed memory for reuse (`retain_freed_memory`)."""
+    Per block, as torchtitan does: the blocks share one compiled graph (their parameters are its inputs), which
+    compiles in seconds where a graph of the whole model takes minutes, and the block stays the module that
+    hooks (activation checkpointing, FSDP2) wrap. Compiling the head fuses the projection with the fp32 loss."""
+    for block in model.layers:
+        block.compile()
+    model.head_loss = torch.compile(model.head_loss)
+
+
+def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = False,
+                activation_checkpointing: str = "none") -> nn.Module:
+    """Apply activation checkpointing, compilation and data parallelism to `model` from outside; returns the
+    module to call for training (DDP's wrapper, or `model` itself). `model` stays the Transformer to save: the
+    wrappers change no parameter name."""
     if activation_checkpointing not in ("none", "full"):
         raise MinillamaError(f"activation_checkpointing must be 'none' or 'full', got {activation_checkpointing!r}")
-    wrapped: nn.Module = model
-    if fast_path:
-        from minillama.train.fast import TrainingLoss, retain_freed_memory
-
-        if next(model.parameters()).device.type == "cpu":
-            retain_freed_memory()
-        wrapped = TrainingLoss(model, compile=compile,
-                               activation_checkpointing=activation_checkpointing == "full", dropout=dropout)
-    elif activation_checkpointing == "full":
+    if activation_checkpointing == "full":
         apply_activation_checkpointing(model)
-    if compile and not fast_path:
-        wrapped = torch.compile(wrapped)
-    if dist.world_size > 1:
-        from torch.nn.parallel import DistributedDataParallel
+    if compile:
+        apply_compile(model)
+    if dist.world_size == 1:
+        return model
+    from torch.nn.parallel import DistributedDataParallel
 
-        wrapped = DistributedDataParallel(wrapped, device_ids=[dist.local_rank] if dist.device.type == "cuda"
-                                          else None)
-    return wrapped
+    return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.type == "cuda" else None)

@@ -75,18 +75,6 @@ def prepare_run(run, out_dir: Path, show_progress: bool = True):
     return tokenizer, data_dir, model_cfg
 
 
-def sample_text(checkpoint: Path, run, max_new_tokens: int | None = None) -> str:
-    """A sample from a saved checkpoint, with the run's prompt, at temperature 0.8 and a fixed seed."""
-    from minillama.checkpoint import load
-    from minillama.infer import generate
-
-    model, tokenizer = load(checkpoint)
-    prompt = run.train.sample_prompt
-    text = generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens or run.train.sample_tokens,
-                    temperature=0.8, top_k=200, seed=run.train.seed)
-    return prompt + text
-
-
 RUN_RECORD = "run.json"
 
 

@@ -16,16 +16,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from minillama.config import ModelConfig
-from minillama.data import IGNORE_INDEX
 from minillama.errors import MinillamaError
 from minillama.model import Transformer
+from minillama.runtime import autocast_context, resolve_device, retain_freed_memory
 from minillama.train import checkpointing
 from minillama.train.config import RunConfig
 from minillama.train.metrics import MetricsLog, Throughput, plot_losses
 from minillama.train.optim import build_optimizer, learning_rate
+from minillama.train.parallelize import DistributedContext
 
 
 @dataclass
@@ -39,59 +39,20 @@ class TrainResult:
     stopped_by_signal: bool
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise MinillamaError(f"train.device={name!r} but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast for "bf16" (matmuls in bf16, master weights and optimizer in fp32); nothing for "fp32"."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bf16")
-
-
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token loss in fp32 (B, T, V) x (B, T) -> nats per token; IGNORE_INDEX targets are skipped."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction=reduction,
-                           ignore_index=IGNORE_INDEX)
-
-
-@torch.no_grad()
-def evaluate_loss(model: torch.nn.Module, batches, device: torch.device, dtype: str) -> tuple[float, int]:
-    """Total nats and scored-token count over (inputs, targets) batches; targets equal to IGNORE_INDEX
-    (padding at the end of the validation split) are not scored."""
-    was_training = model.training
-    model.eval()
-    total_nats, total_tokens = 0.0, 0
-    for inputs, targets in batches:
-        inputs, targets = inputs.to(device), targets.to(device)
-        with autocast_context(device, dtype):
-            logits = model(inputs)
-        total_nats += cross_entropy_loss(logits, targets, reduction="sum").item()
-        total_tokens += int((targets != IGNORE_INDEX).sum())  # padding positions carry no loss
-    model.train(was_training)
-    return total_nats, total_tokens
-
-
 class TrainStep:
     """One optimizer step: forward and backward over the micro-batches of a batch (gradients accumulate, the
     loss of each scaled by 1/accumulation so the sum is the batch mean), clip, then AdamW unless the loss or
     the gradient norm is not finite, in which case the update is skipped. Returns (loss, grad_norm, finite).
 
-    `train_model` is what runs forward (compiled, DDP-wrapped or plain); `model` owns the parameters."""
+    `train_model` is what runs forward (the model itself, or DDP's wrapper of it) and returns the loss;
+    `model` owns the parameters."""
 
     def __init__(self, train_model: torch.nn.Module, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                 micro_batch_size: int, grad_clip: float, dtype: str, dist=None):
-        from minillama.train.parallelize import DistributedContext
-
+                 micro_batch_size: int, grad_clip: float, dtype: str, dist: DistributedContext | None = None):
         self.train_model, self.model, self.optimizer = train_model, model, optimizer
         self.micro_batch_size, self.grad_clip, self.dtype = micro_batch_size, grad_clip, dtype
         self.dist = dist or DistributedContext()
         self.device = next(model.parameters()).device
-        # train/fast.py's TrainingLoss returns the loss itself (DDP keeps the module it wraps as .module).
-        self.computes_loss = getattr(getattr(train_model, "module", train_model), "computes_loss", False)
 
     def __call__(self, inputs: torch.Tensor, targets: torch.Tensor) -> tuple[float, float, bool]:
         micro = self.micro_batch_size
@@ -102,7 +63,7 @@ class TrainStep:
             y = targets[i * micro:(i + 1) * micro].to(self.device, non_blocking=True)
             with self.dist.no_sync_unless(self.train_model, last=i == accumulation - 1), \
                     autocast_context(self.device, self.dtype):
-                loss = self.train_model(x, y) if self.computes_loss else cross_entropy_loss(self.train_model(x), y)
+                loss = self.train_model(x, y)
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
         step_loss = self.dist.mean(loss_sum / accumulation).item()
@@ -172,16 +133,18 @@ class GracefulStop:
 
 
 def micro_batch_size_that_fits(cfg: ModelConfig, per_rank_batch: int, seq_len: int, device: torch.device,
-                               dtype: str, activation_checkpointing: str) -> int:
+                               dtype: str, activation_checkpointing: str, attention: str = "auto") -> int:
     """The largest divisor of the per-rank batch whose activations fit in half the free memory, by the
-    planner's activation estimate (the same formula `minillama plan` reports)."""
+    planner's activation estimate for the attention kernel that will run (the formula `minillama plan` reports)."""
+    from minillama.kernels import use_blocked_attention
     from minillama.plan.memory import activation_bytes_per_sequence
 
     if device.type == "cuda":
         free_bytes, _ = torch.cuda.mem_get_info(device)
     else:
         free_bytes = _available_ram_bytes()
-    per_sequence = activation_bytes_per_sequence(cfg, seq_len, dtype=dtype,
+    kernel = "blocked" if use_blocked_attention(attention, device, seq_len) else "sdpa"
+    per_sequence = activation_bytes_per_sequence(cfg, seq_len, dtype=dtype, attention=kernel,
                                                  activation_checkpointing=activation_checkpointing)
     budget = max(1, int(0.5 * free_bytes // max(1, per_sequence)))
     for size in range(min(per_rank_batch, budget), 0, -1):
@@ -201,10 +164,51 @@ def _available_ram_bytes() -> int:
     return 4 * 2**30
 
 
+@dataclass
+class RunState:
+    """What the loop changes as a run goes. `step`, `max_steps`, `length_decided` and the bad-step counters are
+    checkpointed (a resumed run continues from them); the rest is what the run reports at the end."""
+
+    step: int = 0
+    max_steps: int = 0
+    length_decided: bool = True  # False until a time budget's first estimate of the run's length
+    bad_in_a_row: int = 0
+    bad_total: int = 0
+    last_loss: float | None = None
+    val_loss: float | None = None
+    val_bpb: float | None = None
+    saved: Path | None = None
+    stopped_by_signal: bool = False
+
+    @classmethod
+    def start(cls, tcfg, saved: dict | None) -> RunState:
+        """A fresh run's state, or a resumed one's from its checkpoint. A resumed time-budgeted run keeps the
+        length it had decided; otherwise the configured max_steps holds (--max-steps on resume may extend a run)."""
+        if saved is None:
+            return cls(max_steps=tcfg.max_steps, length_decided=tcfg.time_budget_s <= 0)
+        decided_before = bool(saved.get("length_decided")) and tcfg.time_budget_s > 0
+        return cls(step=saved["step"], max_steps=saved["max_steps"] if decided_before else tcfg.max_steps,
+                   length_decided=decided_before or tcfg.time_budget_s <= 0,
+                   bad_in_a_row=saved["bad_in_a_row"], bad_total=saved["bad_total"])
+
+
+def build_model(model_cfg: ModelConfig, tcfg, device: torch.device) -> Transformer:
+    """The model built on the meta device and materialised on `device` with the run's seeded initialisation."""
+    torch.manual_seed(tcfg.seed)
+    with torch.device("meta"):
+        model = Transformer(model_cfg, attention=tcfg.attention, dropout=tcfg.dropout)
+    model.to_empty(device=device)
+    model.init_weights()
+    return model
+
+
 def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
     """Train `run` into `out_dir` (checkpoints, metrics.jsonl, tensorboard/, loss.png)."""
     from minillama.data import MixtureLoader
-    from minillama.train.parallelize import DistributedContext, parallelize
+    from minillama.eval import evaluate_loss
+    from minillama.plan.flops import flops_per_token
+    from minillama.plan.hardware import device_peak_flops
+    from minillama.train.parallelize import parallelize
     from minillama.train.setup import prepare_run, write_run_record
 
     started = time.perf_counter()
@@ -212,13 +216,12 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     tcfg, ocfg = run.train, run.optim
     dist = DistributedContext.from_environment()
     device = resolve_device(tcfg.device) if dist.world_size == 1 else dist.device
-    start_step, state = 0, None
+    saved = None
     if resume:
         latest = checkpointing.latest_checkpoint(out_dir)
         if latest is None:
             raise MinillamaError(f"--resume: no checkpoint in {out_dir} (looked for step-NNNNNNN directories)")
-        state = checkpointing.load_training_state(latest, run)
-        start_step = state["step"]
+        saved = checkpointing.load_training_state(latest, run)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
@@ -227,11 +230,10 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
                              f"the world size {dist.world_size}")
     per_rank_batch = tcfg.batch_size // dist.world_size
     micro = tcfg.micro_batch_size or micro_batch_size_that_fits(
-        model_cfg, per_rank_batch, tcfg.seq_len, device, tcfg.dtype, tcfg.activation_checkpointing)
+        model_cfg, per_rank_batch, tcfg.seq_len, device, tcfg.dtype, tcfg.activation_checkpointing, tcfg.attention)
     if per_rank_batch % micro:
         raise MinillamaError(f"train.micro_batch_size={micro} does not divide the {per_rank_batch} sequences "
                              "per rank and step")
-
     if dist.is_main:
         write_run_record(out_dir, run, data_dir, per_rank_batch, dist.world_size)
     train_data = MixtureLoader(data_dir, seq_len=tcfg.seq_len, batch_size=per_rank_batch, seed=tcfg.seed,
@@ -242,113 +244,93 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
                              verify=False)
     eval_batches = max(1, math.ceil(tcfg.eval_tokens / (micro * tcfg.seq_len * dist.world_size)))
 
-    # The model: built on meta, materialised on the device with a seeded init, wrapped from outside.
-    torch.manual_seed(tcfg.seed)
-    with torch.device("meta"):
-        model = Transformer(model_cfg)
-    model.to_empty(device=device)
-    model.init_weights()
+    if device.type == "cpu":
+        retain_freed_memory()  # each step reuses the last one's freed memory instead of faulting in new pages
+    model = build_model(model_cfg, tcfg, device)
     optimizer = build_optimizer(model, ocfg)
-    if state is not None:
-        checkpointing.restore(state, model, optimizer)
-    train_model = parallelize(model, dist, compile=tcfg.compile,
-                              activation_checkpointing=tcfg.activation_checkpointing, fast_path=tcfg.fast_path,
-                              dropout=tcfg.dropout)
-
-    from minillama.plan.flops import flops_per_token
-    from minillama.plan.hardware import device_peak_flops
-
+    if saved is not None:
+        checkpointing.restore(saved, model, optimizer)
+    train_model = parallelize(model, dist, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
     train_step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=ocfg.grad_clip,
                            dtype=tcfg.dtype, dist=dist)
     peak = device_peak_flops(device, tcfg.dtype)  # None for a GPU missing from the table: no MFU then
     throughput = Throughput(flops_per_token(model_cfg, tcfg.seq_len, training=True) * dist.world_size,
                             peak * dist.world_size if peak else None)
-    log = MetricsLog(out_dir, resume_step=start_step if resume else None) if dist.is_main else None
-    bad_in_a_row = state["bad_in_a_row"] if state else 0
-    bad_total = state["bad_total"] if state else 0
+    log = MetricsLog(out_dir, resume_step=saved["step"] if saved else None) if dist.is_main else None
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
-    last_loss = val_loss = val_bpb = None
-    saved: Path | None = None
 
-    def save(step: int) -> Path:
-        return checkpointing.save_training_checkpoint(out_dir, step, model, tokenizer, optimizer, run,
-                                                      bad_in_a_row=bad_in_a_row, bad_total=bad_total,
-                                                      max_steps=max_steps, length_decided=length_decided,
-                                                      keep_last=tcfg.keep_last)
-
-    # The run's length: max_steps, or what fits in time_budget_s (estimated from the end of warmup's first steps
-    # on, and checkpointed). A resumed time-budgeted run keeps the length it had; otherwise --max-steps on resume
-    # may extend a run.
-    decided_before = bool(state and state.get("length_decided") and tcfg.time_budget_s > 0)
-    max_steps = state["max_steps"] if decided_before else tcfg.max_steps
-    budget, length_decided = None, True
-    if tcfg.time_budget_s > 0 and not decided_before:
-        length_decided = False  # until the budget's first estimate
+    state = RunState.start(tcfg, saved)
+    budget = None
+    if not state.length_decided:
         eval_cost_steps = eval_batches * micro * tcfg.seq_len / tokens_per_step / 3  # forward only: ~1/3
         budget = TimeBudget(tcfg.time_budget_s, started, tcfg.max_steps, ocfg.warmup_steps, tcfg.eval_every,
                             eval_cost_steps)
+
+    def save() -> Path:
+        return checkpointing.save_training_checkpoint(
+            out_dir, state.step, model, tokenizer, optimizer, run, bad_in_a_row=state.bad_in_a_row,
+            bad_total=state.bad_total, max_steps=state.max_steps, length_decided=state.length_decided,
+            keep_last=tcfg.keep_last)
+
+    def validate() -> None:
+        nats, count = evaluate_loss(model, val_data.val_batches(max_batches=eval_batches), device, tcfg.dtype)
+        state.val_loss = dist.mean(torch.tensor(nats / max(1, count), device=device)).item()
+        # bits per byte: the validation split's UTF-8 bytes per token turn nats/token into bits/byte.
+        state.val_bpb = state.val_loss / (math.log(2) * val_data.bytes_per_token["val"])
 
     progress = None
     if show_progress and dist.is_main:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=max_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+        progress = tqdm(total=state.max_steps, initial=state.step, desc="train", unit="step", dynamic_ncols=True)
 
-    stopped_by_signal = False
+    first_step = state.step + 1  # logged whatever log_every says, to show the run has started
     with GracefulStop() as stop:
-        step = start_step
-        while step < max_steps:
-            lr = learning_rate(step, max_steps, ocfg)
+        while state.step < state.max_steps:
+            lr = learning_rate(state.step, state.max_steps, ocfg)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            inputs, targets = train_data.batch(step)
+            inputs, targets = train_data.batch(state.step)
             step_started = time.perf_counter()
-            step_loss, grad_norm, finite = train_step(inputs, targets)
+            loss, grad_norm, finite = train_step(inputs, targets)
             if budget is not None:
-                estimate = budget.observe(step + 1, time.perf_counter() - step_started)
+                estimate = budget.observe(state.step + 1, time.perf_counter() - step_started)
                 if estimate is not None:
-                    max_steps, length_decided = estimate, True
+                    state.max_steps, state.length_decided = estimate, True
                     if progress is not None:
-                        progress.total = max_steps
-            if finite:
-                bad_in_a_row = 0
-            else:
-                bad_in_a_row += 1
-                bad_total += 1
-            step += 1
+                        progress.total = state.max_steps
+            state.bad_in_a_row = 0 if finite else state.bad_in_a_row + 1
+            state.bad_total += 0 if finite else 1
+            state.step += 1
+            state.last_loss = loss
             throughput.add(tokens_per_step)
-            last_loss = step_loss
 
-            record = None
-            if not finite or step % tcfg.log_every == 0 or step == max_steps or step == start_step + 1:
+            step, record = state.step, None
+            if not finite or step % tcfg.log_every == 0 or step in (state.max_steps, first_step):
                 tokens_per_s, mfu = throughput.measure()
-                record = dict(step=step, tokens=step * tokens_per_step, loss=step_loss, lr=lr, grad_norm=grad_norm,
+                record = dict(step=step, tokens=step * tokens_per_step, loss=loss, lr=lr, grad_norm=grad_norm,
                               tokens_per_s=round(tokens_per_s, 1), mfu=None if mfu is None else round(mfu, 5))
                 if not finite:
-                    record.update(skipped=True, bad_steps_total=bad_total)
-            if step % tcfg.eval_every == 0 or step == max_steps:
-                nats, count = evaluate_loss(train_model, val_data.val_batches(max_batches=eval_batches),
-                                            device, tcfg.dtype)
-                val_loss = dist.mean(torch.tensor(nats / max(1, count))).item()
-                # bits per byte: the validation split's UTF-8 bytes per token turn nats/token into bits/byte.
-                val_bpb = val_loss / (math.log(2) * val_data.bytes_per_token["val"])
-                record = record or dict(step=step, tokens=step * tokens_per_step, loss=step_loss, lr=lr,
+                    record.update(skipped=True, bad_steps_total=state.bad_total)
+            if step % tcfg.eval_every == 0 or step == state.max_steps:
+                validate()
+                record = record or dict(step=step, tokens=step * tokens_per_step, loss=loss, lr=lr,
                                         grad_norm=grad_norm, tokens_per_s=None, mfu=None)
-                record.update(val_loss=val_loss, val_bpb=val_bpb)
+                record.update(val_loss=state.val_loss, val_bpb=state.val_bpb)
                 throughput.reset()  # evaluation time is not training throughput
             if record is not None and log is not None:
                 log.log(record)
             if progress is not None:
                 progress.update(1)
-                progress.set_postfix(loss=f"{step_loss:.4f}", **({"val": f"{val_loss:.4f}"} if val_loss else {}))
+                progress.set_postfix(loss=f"{loss:.4f}", **({"val": f"{state.val_loss:.4f}"} if state.val_loss else {}))
 
-            if bad_in_a_row >= tcfg.max_bad_steps:
-                raise MinillamaError(f"stopping at step {step}: {bad_in_a_row} non-finite losses or gradients in a "
-                                     f"row (last loss {step_loss}, grad norm {grad_norm}); lower optim.lr?")
-            if dist.is_main and (step % tcfg.save_every == 0 or step == max_steps or stop.requested):
-                saved = save(step)
+            if state.bad_in_a_row >= tcfg.max_bad_steps:
+                raise MinillamaError(f"stopping at step {step}: {state.bad_in_a_row} non-finite losses or gradients "
+                                     f"in a row (last loss {loss}, grad norm {grad_norm}); lower optim.lr?")
+            if dist.is_main and (step % tcfg.save_every == 0 or step == state.max_steps or stop.requested):
+                state.saved = save()
             if stop.requested:
-                stopped_by_signal = True
+                state.stopped_by_signal = True
                 break
     if progress is not None:
         progress.close()
@@ -357,8 +339,8 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         if log.path.exists() and log.path.stat().st_size:
             plot_losses(log.path, out_dir / "loss.png")
     dist.barrier()
-    return TrainResult(out_dir=out_dir, step=step, last_loss=last_loss, val_loss=val_loss, val_bpb=val_bpb,
-                       checkpoint=saved, stopped_by_signal=stopped_by_signal)
+    return TrainResult(out_dir=out_dir, step=state.step, last_loss=state.last_loss, val_loss=state.val_loss,
+                       val_bpb=state.val_bpb, checkpoint=state.saved, stopped_by_signal=state.stopped_by_signal)
 
 
-__all__ = ["train", "TrainResult", "evaluate_loss", "cross_entropy_loss", "autocast_context", "resolve_device"]
+__all__ = ["train", "TrainResult", "TrainStep", "RunState", "build_model"]

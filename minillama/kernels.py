@@ -1,0 +1,79 @@
+"""Attention kernels that `model.Attention` chooses between. Each computes exactly causal softmax attention;
+they differ only in speed and memory on a given device, and tests/test_model.py pins them equal in fp32.
+
+- `sdpa`: `F.scaled_dot_product_attention`, PyTorch's fused kernels (flash / memory-efficient on GPU, a flash
+  kernel on CPU). O(T) memory; the only choice for long sequences and GPUs.
+- `blocked`: causal attention as plain batched matmuls over blocks of query rows, each block seeing only the keys
+  up to its own end (a staircase covering about (n + 1) / 2n of the T x T square), with a softmax that keeps its
+  probabilities in the scores' dtype (bf16 under autocast) for backward. On CPU at training lengths
+  (T <= MAX_BLOCKED_ATTENTION_LEN) forward + backward runs 2-4x faster than PyTorch's CPU flash kernel, whose
+  backward is slow at these sizes (benchmarks/RESULTS.md, "Training throughput").
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Blocked attention on CPU up to this many positions; beyond it the saved (B, H, T, T) probabilities grow too
+# large and the flash kernel's O(T) memory wins.
+MAX_BLOCKED_ATTENTION_LEN = 1024
+QUERY_BLOCK = 64  # query rows per block: at T = 256, 64 beat 32 and 128 in the fast path's development runs
+
+ATTENTION_KERNELS = ("auto", "sdpa", "blocked")
+
+
+class _CausalSoftmax(torch.autograd.Function):
+    """softmax(scores * scale) over the allowed keys, computed in fp32, kept for backward in the scores' dtype.
+
+    Autograd's own softmax would keep its fp32 output: with bf16 scores this keeps half the bytes (the largest
+    activation of blocked attention) and the backward, p * (g - sum(g * p)), reads half as much. In fp32 it is
+    autograd's softmax exactly."""
+
+    @staticmethod
+    def forward(ctx, scores: torch.Tensor, allowed: torch.Tensor, scale: float) -> torch.Tensor:
+        probs = scores.float().mul(scale).masked_fill(~allowed, float("-inf")).softmax(dim=-1).to(scores.dtype)
+        ctx.save_for_backward(probs)
+        ctx.scale = scale
+        return probs
+
+    @staticmethod
+    def backward(ctx, grad_probs: torch.Tensor):
+        (probs,) = ctx.saved_tensors
+        p, g = probs.float(), grad_probs.float()
+        grad_scores = p * (g - (g * p).sum(dim=-1, keepdim=True)) * ctx.scale
+        return grad_scores.to(grad_probs.dtype), None, None
+
+
+def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, query_block: int = QUERY_BLOCK
+                             ) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) + causal mask) v as batched matmuls; grouped-query heads without repeating k, v.
+
+    q (B, H, T, D), k and v (B, K, T, D) -> (B, H, T, D). Query rows go in blocks; the block [start, end) needs
+    keys [0, end) only, so each row's softmax is complete within its block and the masked-out upper right of
+    the square is mostly never computed.
+    """
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    G = H // K  # query heads per key/value head: head h reads key/value head h // G, as in Meta's repeat_kv
+    q = q.reshape(B, K, G, T, D)
+    # k and v arrive as transposed views of their (B, T, K, D) projections; made contiguous once, every block's
+    # k[:, :, :end] is a view that the matmul takes (and saves) as it is, where a transposed one would be copied
+    # (and saved) again for every block.
+    k, v = k.contiguous(), v.contiguous()
+    outputs = []
+    for start in range(0, T, query_block):
+        end = min(T, start + query_block)
+        n = end - start
+        q_block = q[:, :, :, start:end].reshape(B, K, G * n, D)
+        scores = (q_block @ k[:, :, :end].transpose(-1, -2)).view(B, K, G, n, end)  # (B, K, G, n, end)
+        allowed = torch.ones(n, end, dtype=torch.bool, device=q.device).tril(diagonal=start)
+        probs = _CausalSoftmax.apply(scores, allowed, D ** -0.5).view(B, K, G * n, end)
+        outputs.append((probs @ v[:, :, :end]).view(B, K, G, n, D))  # (B, K, G, n, D)
+    return torch.cat(outputs, dim=3).view(B, H, T, D)
+
+
+def use_blocked_attention(kernel: str, device: torch.device, seq_len: int) -> bool:
+    """`auto` picks the blocked kernel on CPU up to MAX_BLOCKED_ATTENTION_LEN positions, sdpa elsewhere."""
+    if kernel == "auto":
+        return device.type == "cpu" and seq_len <= MAX_BLOCKED_ATTENTION_LEN
+    return kernel == "blocked"
