@@ -555,9 +555,9 @@ def _build_manifest(cfg: DataConfig, plans: list[Any], stats: list[dict[str, Any
     for (source, source_files, _units, mode, _), s in zip(plans, stats):
         sources.append({
             "name": source.name, "paths": source.paths, "files": len(source_files), "text_field": source.text_field,
-            "max_mb": source.max_mb, "val_mode": mode, "invalid_utf8_bytes": s["invalid_utf8_bytes"],
-            "invalid_files": s["invalid_files"], "skipped_files": s["skipped_files"],
-            "train": s["train"], "val": s["val"],
+            "split": source.split, "max_mb": source.max_mb, "val_mode": mode,
+            "invalid_utf8_bytes": s["invalid_utf8_bytes"], "invalid_files": s["invalid_files"],
+            "skipped_files": s["skipped_files"], "train": s["train"], "val": s["val"],
         })
     totals = {split: {k: sum(e[split][k] for e in sources) for k in ("documents", "bytes", "tokens")}
               for split in SPLITS}

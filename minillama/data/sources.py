@@ -5,10 +5,28 @@ below, recursively) or globs, resolved relative to the current directory; `pytho
 the running Python installation's own documentation and library (see `stdlib.py`). A `.jsonl` file holds one
 document per line (the string under `text_field`); any other file is one document.
 
+Tables (read with pyarrow in batches, see `tables.py`): a `.parquet` file, or an `.arrow` file (Arrow IPC), holds
+one document per row, in the string column named by `text_field`; a null is an empty document. A directory that
+holds any `.parquet` or `.arrow` file is read for those only (a Hub download's README.md is not data). A directory
+written by the `datasets` library's `save_to_disk` is read as that dataset: a `Dataset` directory (`state.json`)
+whole, a `DatasetDict` directory (`dataset_dict.json`) for one split, `split` (default "train"). Nothing is
+downloaded: a path that looks like a Hub dataset name ("owner/name") and is not on disk is an error that says how
+to download it. The `[[data.sources]]` keys:
+
+    name        letters, digits, "_", ".", "-"; part of the shard file names
+    path        a file, directory or glob, or a list of them
+    weight      share of training tokens (relative)
+    epochs      a cap on the epochs the weight implies, or with no weights anywhere the weights' source
+    text_field  the JSONL field / table column with the text (default "text")
+    split       the split of a DatasetDict directory to read (default "train"; only for DatasetDict paths)
+    max_mb      cap on the input bytes read, in file order; the file where it falls is cut at a line end (text,
+                JSONL) or after the Parquet row group / Arrow record batch where its text reaches the bytes left
+
 Resolution happens in two steps so that preparing data can decide it is a cache hit before reading anything:
 `resolve_source` lists the files (cheap: names, sizes and mtimes), and `document_units` splits them into the
-units that worker processes turn into documents (one file, a line-aligned byte range of a `.jsonl`, one module's
-docstrings, one pydoc topic). The readers at the bottom run inside the workers.
+units that worker processes turn into documents (one file, a line-aligned byte range of a `.jsonl`, a run of
+Parquet row groups, a range of Arrow rows, one module's docstrings, one pydoc topic). The readers at the bottom
+run inside the workers.
 """
 
 from __future__ import annotations
@@ -28,6 +46,11 @@ from minillama.errors import MinillamaError
 PYTHON_DOCS = "python:docs"
 PYTHON_SOURCE = "python:source"
 _NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+TABLE_KINDS = {".parquet": "parquet", ".arrow": "arrow"}  # suffix -> SourceFile kind (read by tables.py)
+UNIT_BYTES = 8 << 20  # input bytes per DocumentUnit: big enough to amortise a worker task, small enough to hold
+# A Hub dataset id, "owner/name" (hf://datasets/ optional): what a user pastes from the Hub's page.
+_HUB_NAME = re.compile(r"(hf://datasets/)?[A-Za-z0-9][\w.-]*/[\w.-]+")
+_FILE_SUFFIXES = {".txt", ".md", ".rst", ".jsonl", ".json", ".parquet", ".arrow", ".csv", ".py", ".gz", ".zst"}
 
 
 class DataWarning(UserWarning):
@@ -50,6 +73,7 @@ class SourceConfig:
     epochs: float | None = None
     text_field: str = "text"
     max_mb: float | None = None
+    split: str | None = None
 
     def __post_init__(self) -> None:
         if not _NAME_PATTERN.fullmatch(self.name):
@@ -59,6 +83,8 @@ class SourceConfig:
             self.path = [self.path]
         if not self.path or not all(isinstance(p, str) and p.strip() for p in self.path):
             raise MinillamaError(f"source {self.name!r}: path must be a non-empty string or list of strings")
+        if self.split is not None and not _NAME_PATTERN.fullmatch(self.split):
+            raise MinillamaError(f"source {self.name!r}: split {self.split!r} must be a split name like 'train'")
         for key in ("weight", "epochs", "max_mb"):
             value = getattr(self, key)
             if value is not None and not value > 0:
@@ -99,7 +125,7 @@ class DataConfig:
     def to_dict(self) -> dict[str, Any]:
         return {
             "sources": [dict(name=s.name, path=s.paths, weight=s.weight, epochs=s.epochs, text_field=s.text_field,
-                             max_mb=s.max_mb) for s in self.sources],
+                             max_mb=s.max_mb, split=s.split) for s in self.sources],
             "val_fraction": self.val_fraction, "seed": self.seed, "train_tokens": self.train_tokens,
         }
 
@@ -140,9 +166,9 @@ def data_config_from_paths(paths: list[str], val_fraction: float = 0.01, seed: i
 # --------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class SourceFile:
-    """One input of a source. kind: "text" (one document), "jsonl" (one per line), "docstrings" (one module's
-    docstrings), "topic" (one pydoc topic; `path` is pydoc_data/topics.py and `key` the topic). `limit_bytes`
-    is set on the file where the source's max_mb runs out."""
+    """One input of a source. kind: "text" (one document), "jsonl" (one per line), "parquet" / "arrow" (one per
+    row), "docstrings" (one module's docstrings), "topic" (one pydoc topic; `path` is pydoc_data/topics.py and
+    `key` the topic). `limit_bytes` is set on the file where the source's max_mb runs out."""
 
     kind: str
     path: str
@@ -163,7 +189,7 @@ class DocumentUnit:
     path: str
     first_doc: int
     n_docs: int
-    start: int = 0  # byte range, for jsonl
+    start: int = 0  # byte range for jsonl, row groups for parquet, rows for arrow: [start, end)
     end: int = -1
     key: str = ""
     size_bytes: int = 0
@@ -175,29 +201,66 @@ def _stat(path: Path, kind: str, key: str = "") -> SourceFile:
     return SourceFile(kind=kind, path=str(path), size_bytes=st.st_size, mtime_ns=st.st_mtime_ns, key=key)
 
 
-def _expand_path(spec: str, source: str) -> list[Path]:
-    """A file, a directory (recursive, hidden entries skipped) or a glob -> sorted files. Errors name the path."""
+def _expand_path(spec: str, source: SourceConfig, dataset_dicts: list[Path]) -> list[Path]:
+    """A file, a directory (recursive, hidden entries skipped; only its tables if it holds any; a `save_to_disk`
+    directory's data files) or a glob -> sorted files. Errors name the path. DatasetDict directories read are
+    appended to `dataset_dicts` (so a `split` that none of the paths uses can be reported)."""
     path = Path(os.path.expanduser(spec))
     if path.is_file():
         return [path]
     if path.is_dir():
+        if _is_saved_dataset(path):
+            from minillama.data import tables
+
+            files = tables.saved_dataset_files(path, source.split, source.name)
+            if (path / "dataset_dict.json").is_file():
+                dataset_dicts.append(path)
+            return files
         files = []
         for directory, subdirs, names in os.walk(path):
             subdirs[:] = [d for d in subdirs if not d.startswith(".")]  # .git and friends are not text
+            if "dataset_dict.json" in names:
+                # Walking into it would read every split, validation and test included, as training text.
+                raise MinillamaError(f"source {source.name!r}: {directory} is a DatasetDict saved with save_to_disk;"
+                                     " give it as a path of its own (with split) instead of a directory above it")
             files.extend(Path(directory) / n for n in names if not n.startswith("."))
         files = sorted(f for f in files if f.is_file())
         if not files:
-            raise MinillamaError(f"source {source!r}: directory {spec} holds no files")
-        return files
+            raise MinillamaError(f"source {source.name!r}: directory {spec} holds no files")
+        tables_found = [f for f in files if f.suffix in TABLE_KINDS]
+        return tables_found or files
     if glob.has_magic(spec):
         matches = sorted(Path(m) for m in glob.glob(os.path.expanduser(spec), recursive=True))
         files: list[Path] = []
         for match in matches:
-            files.extend(_expand_path(str(match), source) if match.is_dir() else [match])
+            files.extend(_expand_path(str(match), source, dataset_dicts) if match.is_dir() else [match])
         if not files:
-            raise MinillamaError(f"source {source!r}: no files match {spec}")
+            raise MinillamaError(f"source {source.name!r}: no files match {spec}")
         return files
-    raise MinillamaError(f"source {source!r}: data path not found: {spec}")
+    if _looks_like_hub_name(spec):
+        name = spec.removeprefix("hf://datasets/")
+        raise MinillamaError(f"source {source.name!r}: {spec} is not a local path; minillama reads no network, so "
+                             f"download the Hub dataset first (hf download --repo-type dataset {name} --local-dir "
+                             f"DIR, or datasets.load_dataset({name!r}).save_to_disk(DIR)) and set path to DIR")
+    raise MinillamaError(f"source {source.name!r}: data path not found: {spec}")
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A directory written by datasets' save_to_disk: a DatasetDict, or a Dataset (state.json + dataset_info.json)."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def _looks_like_hub_name(spec: str) -> bool:
+    """An "owner/name" with no file suffix whose "owner" is not a local directory (that is a mistyped path)."""
+    if spec.startswith("hf://"):
+        return True
+    return (bool(_HUB_NAME.fullmatch(spec)) and Path(spec).suffix.lower() not in _FILE_SUFFIXES
+            and not Path(spec.split("/")[0]).exists())
+
+
+def _file_kind(path: Path) -> str:
+    return "jsonl" if path.suffix == ".jsonl" else TABLE_KINDS.get(path.suffix, "text")
 
 
 def resolve_source(source: SourceConfig) -> list[SourceFile]:
@@ -205,6 +268,7 @@ def resolve_source(source: SourceConfig) -> list[SourceFile]:
     from minillama.data import stdlib
 
     files: list[SourceFile] = []
+    dataset_dicts: list[Path] = []
     for spec in source.paths:
         if spec == PYTHON_DOCS:
             files.extend(SourceFile(kind, path, size, mtime, key) for kind, path, size, mtime, key
@@ -217,8 +281,10 @@ def resolve_source(source: SourceConfig) -> list[SourceFile]:
             raise MinillamaError(f"source {source.name!r}: unknown path {spec!r}; known: {PYTHON_DOCS}, "
                                  f"{PYTHON_SOURCE}")
         else:
-            files.extend(_stat(p, "jsonl" if p.suffix == ".jsonl" else "text")
-                         for p in _expand_path(spec, source.name))
+            files.extend(_stat(p, _file_kind(p)) for p in _expand_path(spec, source, dataset_dicts))
+    if source.split is not None and not dataset_dicts:
+        raise MinillamaError(f"source {source.name!r}: split = {source.split!r} is set, but none of its paths is a "
+                             "DatasetDict directory (one with dataset_dict.json); remove split")
     if source.max_mb is not None:
         files = _cap_files(files, int(source.max_mb * 1e6))
     if sum(f.size_bytes for f in files) == 0:
@@ -232,23 +298,32 @@ def _cap_files(files: list[SourceFile], cap_bytes: int) -> list[SourceFile]:
     for f in files:
         if total >= cap_bytes:
             break
-        if total + f.size_bytes > cap_bytes and f.kind in ("text", "jsonl"):
+        if total + f.size_bytes > cap_bytes and f.kind in ("text", "jsonl", *TABLE_KINDS.values()):
             f = SourceFile(f.kind, f.path, f.size_bytes, f.mtime_ns, f.key, limit_bytes=cap_bytes - total)
         kept.append(f)
         total += f.size_bytes if f.limit_bytes is None else f.limit_bytes
     return kept
 
 
-def document_units(files: list[SourceFile], text_field: str, jsonl_chunk_bytes: int = 8 << 20) -> list[DocumentUnit]:
-    """Split files into units with document indices. Counting `.jsonl` lines needs one pass over those files,
-    which is why this runs only after the cache check."""
+def document_units(files: list[SourceFile], text_field: str, chunk_bytes: int | None = None) -> list[DocumentUnit]:
+    """Split files into units of about `chunk_bytes` (default UNIT_BYTES) with document indices. Counting
+    `.jsonl` lines needs one pass over those files, and tables their metadata (and the column's type, checked
+    here so a wrong text_field fails before any output is written), which is why this runs only after the cache
+    check."""
+    chunk_bytes = UNIT_BYTES if chunk_bytes is None else chunk_bytes
     units, n_docs = [], 0
     for f in files:
         if f.kind == "jsonl":
-            for start, end, lines in _jsonl_ranges(Path(f.path), jsonl_chunk_bytes, f.limit_bytes):
+            for start, end, lines in _jsonl_ranges(Path(f.path), chunk_bytes, f.limit_bytes):
                 units.append(DocumentUnit("jsonl", f.path, n_docs, lines, start, end, size_bytes=end - start,
                                           text_field=text_field))
                 n_docs += lines
+        elif f.kind in TABLE_KINDS.values():
+            from minillama.data import tables
+
+            for unit in tables.table_units(f, text_field, n_docs, chunk_bytes):
+                units.append(unit)
+                n_docs += unit.n_docs
         else:
             size = f.size_bytes if f.limit_bytes is None else f.limit_bytes
             units.append(DocumentUnit(f.kind, f.path, n_docs, 1, 0, size if f.kind == "text" else -1, key=f.key,
@@ -342,6 +417,10 @@ def read_unit(unit: DocumentUnit) -> tuple[list[tuple[int, str]], int, str | Non
                 raise MinillamaError(f"{where}: field {unit.text_field!r} is {type(value).__name__}, not a string")
             docs.append((unit.first_doc + i, value))
         return docs, bad, None
+    if unit.kind in TABLE_KINDS.values():
+        from minillama.data import tables
+
+        return tables.read_table_unit(unit), 0, None
     if unit.kind == "docstrings":
         return [(unit.first_doc, stdlib.module_documentation(Path(unit.path)))], 0, None
     if unit.kind == "topic":
@@ -371,4 +450,4 @@ def source_texts(sources: DataConfig | list[SourceConfig], max_chars: int | None
 
 __all__ = ["SourceConfig", "source_texts", "first_chars", "DataConfig", "DataWarning", "data_config_from_table",
            "load_data_config", "data_config_from_paths", "resolve_source", "document_units", "read_unit", "decode_utf8",
-           "PYTHON_DOCS", "PYTHON_SOURCE"]
+           "PYTHON_DOCS", "PYTHON_SOURCE", "TABLE_KINDS"]
