@@ -10,21 +10,15 @@ llama.cpp's converters as it is, and a Llama downloaded from the Hub loads here 
     tokenizer files                    whatever `Tokenizer.save` writes
 
 Weights are read with safetensors only, never `torch.load`: a pickle can run arbitrary code, a safetensors file
-is a JSON header and raw bytes. Saving is atomic (see `atomic_directory`), so a crash while saving never leaves
-a half-written checkpoint where a complete one was. The training loop stores its model through `save_model_files`
-inside its own step directory and keeps optimizer state beside it.
+is a JSON header and raw bytes. Saving is atomic (see `minillama.files.atomic_directory`), so a crash while
+saving never leaves a half-written checkpoint where a complete one was. The training loop stores its model
+through `save_model_files` inside its own step directory and keeps optimizer state beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
-import os
 import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +28,7 @@ from safetensors.torch import save_file
 
 from minillama.config import ModelConfig, RopeScaling
 from minillama.errors import MinillamaError
+from minillama.files import aside_path, atomic_directory
 from minillama.model import Transformer
 
 CONFIG_FILE = "config.json"
@@ -382,89 +377,6 @@ def save(model: torch.nn.Module, tokenizer: Any, directory: str | Path, *,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Atomic replacement of a directory
-# --------------------------------------------------------------------------------------------------------------
-def _aside_path(directory: Path) -> Path:
-    """Where the previous checkpoint waits during the swap. Hidden (a leading dot) so a trainer listing its
-    `step-*` directories never mistakes it for a checkpoint."""
-    return directory.parent / f".{directory.name}.old"
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, which makes the names created or renamed in it durable (files alone are not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            with open(os.path.join(dirpath, filename), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _recover_interrupted_swap(directory: Path) -> None:
-    """Undo what a crash inside `atomic_directory` left behind.
-
-    The aside copy exists only between renaming the old directory away and deleting it. If `directory` is
-    missing, the crash came before the new one was renamed in, so the old one goes back; if present, the new
-    one is complete and the old is garbage. Temporary directories from crashed saves are incomplete by
-    construction and are removed.
-    """
-    aside = _aside_path(directory)
-    if aside.exists():
-        if directory.exists():
-            shutil.rmtree(aside)
-        else:
-            os.rename(aside, directory)
-            _fsync_dir(directory.parent)
-    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `directory`; when the block ends without an exception, fsync
-    everything in it and swap it into place. On an exception the temporary directory is removed and an
-    existing `directory` is left untouched.
-
-    The swap is rename old -> `.NAME.old`, rename new -> NAME, fsync the parent, delete the old. Every rename is
-    atomic, so at any instant a complete checkpoint exists as NAME or, for the moment between the two
-    renames, as `.NAME.old`; the next `atomic_directory` on NAME puts it back, and `load` names it. (Linux's
-    renameat2(RENAME_EXCHANGE) would close that gap, but Python does not expose it and macOS lacks it.)
-    """
-    directory = Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise MinillamaError(f"{directory} exists and is not a directory; refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if directory.exists():
-            aside = _aside_path(directory)
-            os.rename(directory, aside)
-            try:
-                os.rename(tmp, directory)
-            except BaseException:
-                os.rename(aside, directory)
-                raise
-            _fsync_dir(directory.parent)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -579,7 +491,7 @@ def load_model(directory: str | Path, *, device: torch.device | str = "cpu",
 def _check_directory(directory: Path) -> None:
     if directory.is_dir():
         return
-    aside = _aside_path(directory.absolute())
+    aside = aside_path(directory.absolute())
     if aside.is_dir():
         raise MinillamaError(f"{directory} not found, but {aside} holds the complete checkpoint that an "
                              "interrupted save moved aside; rename it back (saving to the directory again "
@@ -611,6 +523,6 @@ def load(directory: str | Path, *, device: torch.device | str = "cpu",
     return model, tokenizer
 
 
-__all__ = ["save", "load", "load_model", "load_state", "save_model_files", "atomic_directory", "read_config",
+__all__ = ["save", "load", "load_model", "load_state", "save_model_files", "read_config",
            "config_from_hf", "config_to_hf", "hf_state_dict", "to_hf_name", "from_hf_name", "has_tokenizer",
            "DEFAULT_MAX_SHARD_BYTES", "TOKENIZER_FILES"]

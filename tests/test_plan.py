@@ -254,6 +254,7 @@ def test_hardware_table_is_dense_peaks():
 
 
 def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINILLAMA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: calls.append(dtype) or 1e11)
@@ -264,6 +265,18 @@ def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert hardware.detect_hardware("cpu") == "cpu"
     p = plan(model="tiny", gpu="cpu", power_w=65)
     assert p["peak_flops_per_s"] == 1e11 and p["energy_mwh"] > 0
+
+
+def test_cpu_probe_is_cached_under_minillama_cache(tmp_path, monkeypatch):
+    """$MINILLAMA_CACHE moves every cache, the planner's CPU probe included (it once followed only XDG)."""
+    monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: 2e11)
+    monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
+    cpu = hardware.get_hardware("cpu")
+    assert cpu.peak_flops("fp32") == 2e11
+    assert (tmp_path / "mine" / "cpu_peak.json").exists() and not (tmp_path / "xdg").exists()
+    assert str(tmp_path / "mine" / "cpu_peak.json") in cpu.source
 
 
 def test_real_cpu_probe_runs(tmp_path, monkeypatch):

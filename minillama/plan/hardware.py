@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minillama.errors import MinillamaError
+from minillama.files import atomic_write_json, cache_dir
 
 GiB = 2**30
 
@@ -130,11 +131,6 @@ def detect_hardware(device: object = None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The CPU: measured, not looked up.
 # --------------------------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "minillama"
-
-
 def _cpu_model_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -197,7 +193,7 @@ def measured_cpu(refresh: bool = False) -> Hardware:
                            bandwidth_bytes_per_s=_measure_copy_bandwidth())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cached, indent=2))
+            atomic_write_json(path, cached)  # two processes probing at once must not leave half a file
         except OSError:
             pass  # a read-only home still gets a (re-measured) answer
     probe = cached[key]
@@ -225,5 +221,4 @@ def device_peak_flops(device: object, dtype: str = "bf16") -> float | None:
 
 
 __all__ = ["Hardware", "GPUS", "KNOWN_HARDWARE", "get_hardware", "peak_flops", "detect_hardware", "device_peak_flops",
-           "measured_cpu",
-           "cache_dir", "hardware_dict"]
+           "measured_cpu", "hardware_dict"]

@@ -38,7 +38,8 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
 def save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, run, *, bad_in_a_row: int,
                              bad_total: int, keep_last: int, max_steps: int, length_decided: bool = True) -> Path:
     """Write step-NNNNNNN atomically, then delete all but the newest `keep_last` checkpoints."""
-    from minillama.checkpoint import atomic_directory, save_model_files
+    from minillama.checkpoint import save_model_files
+    from minillama.files import atomic_directory
 
     out_dir = Path(out_dir)
     final = out_dir / f"{PREFIX}{step:07d}"

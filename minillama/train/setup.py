@@ -6,19 +6,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
-
-
-def cache_dir() -> Path:
-    """~/.cache/minillama, or $MINILLAMA_CACHE, or $XDG_CACHE_HOME/minillama."""
-    if os.environ.get("MINILLAMA_CACHE"):
-        return Path(os.environ["MINILLAMA_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "minillama"
+from minillama.files import atomic_directory, atomic_write_json, cache_dir
 
 
 def _sources_key(run) -> str:
@@ -45,7 +37,8 @@ def resolve_tokenizer(run, show_progress: bool = True):
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
     tokenizer = train_bpe_from_texts(training_texts(run.data), vocab_size, show_progress=show_progress)
-    tokenizer.save(target)
+    with atomic_directory(target) as tmp:  # a crash mid-save must not leave a cache entry that fails to load
+        tokenizer.save(tmp)
     return load_tokenizer(target)
 
 
@@ -95,9 +88,7 @@ def write_run_record(out_dir: Path, run, data_dir: Path, per_rank_batch_size: in
     can show exactly what the run was fed."""
     record = dict(config=run.to_dict(), data_dir=str(data_dir), seq_len=run.train.seq_len, seed=run.train.seed,
                   per_rank_batch_size=per_rank_batch_size, world_size=world_size)
-    tmp = out_dir / f".{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_dir / RUN_RECORD)
+    atomic_write_json(out_dir / RUN_RECORD, record)
 
 
 def read_run_record(directory: str | Path) -> dict | None:
