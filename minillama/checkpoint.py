@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillama.config import ModelConfig, RopeScaling
+from minillama.config import ModelConfig, RopeScaling, coerce_value
 from minillama.errors import MinillamaError
 from minillama.files import aside_path, atomic_directory
 from minillama.model import Transformer
@@ -102,18 +102,7 @@ def _field(hf: dict[str, Any], key: str, kind: type, source: str, default: Any =
         if default is _REQUIRED:
             raise MinillamaError(f"{source}: missing required key {key!r}")
         return default
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer())
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise MinillamaError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
-    return kind(value)
+    return coerce_value(value, kind, f"{source}: {key}")
 
 
 def _token_id(hf: dict[str, Any], key: str, default: int, source: str) -> int:
