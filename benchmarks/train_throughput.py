@@ -79,7 +79,7 @@ def build_hf_step(cfg, inputs, targets, device: str, compile: bool):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minillama.checkpoint import config_to_hf, hf_state_dict
+    from minillama.interop.hf import config_to_hf, hf_state_dict
     from minillama.model import Transformer
 
     torch.manual_seed(0)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import minillama
 from minillama import MinillamaError, ModelConfig, Transformer
 from minillama import checkpoint as ckpt
-from minillama.checkpoint import config_from_hf, config_to_hf, load, save
+from minillama.checkpoint import load, save
+from minillama.interop.hf import config_from_hf, config_to_hf
 from minillama.model import rope_inverse_frequencies
 
 transformers = pytest.importorskip("transformers")
