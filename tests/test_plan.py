@@ -253,6 +253,20 @@ def test_hardware_table_is_dense_peaks():
         assert hw.peak_flops_bf16 > hw.peak_flops_fp32 > 0 and hw.memory_bytes > 0 and hw.tdp_w > 0
 
 
+def test_preset_table_counts_every_preset():
+    from minillama.plan import format_preset_table, preset_table
+
+    rows = preset_table()
+    assert [row["name"] for row in rows] == list(PRESETS)
+    for row in rows:
+        cfg = ModelConfig.from_preset(row["name"])
+        assert row["params"] == count_parameters(cfg) and row["kv_heads"] == cfg.n_kv_heads
+    lines = format_preset_table(rows).splitlines()
+    assert lines[0].split()[:2] == ["name", "params"] and len(lines) == len(rows) + 1
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert lines[1].split()[1] == f"{rows[0]['params']:,}"
+
+
 def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.delenv("MINILLAMA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -80,22 +80,11 @@ def sample_text(checkpoint: Path, run, max_new_tokens: int | None = None) -> str
     return prompt + text
 
 
-RUN_RECORD = "run.json"
-
-
 def write_run_record(out_dir: Path, run, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
-    """OUT/run.json: the resolved config and where its data lives, so `minillama data inspect OUT --step N`
-    can show exactly what the run was fed."""
-    record = dict(config=run.to_dict(), data_dir=str(data_dir), seq_len=run.train.seq_len, seed=run.train.seed,
-                  per_rank_batch_size=per_rank_batch_size, world_size=world_size)
-    atomic_write_json(out_dir / RUN_RECORD, record)
+    """OUT/run.json (`minillama.data.inspect.run_record`): the resolved config and where its data lives, so
+    `minillama data inspect OUT --step N` can show exactly what the run was fed."""
+    from minillama.data.inspect import RUN_RECORD, run_record
 
-
-def read_run_record(directory: str | Path) -> dict | None:
-    path = Path(directory) / RUN_RECORD
-    if not path.is_file() or (Path(directory) / "manifest.json").exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: not valid JSON ({exc})") from None
+    record = run_record(run.to_dict(), data_dir, seq_len=run.train.seq_len, seed=run.train.seed,
+                        per_rank_batch_size=per_rank_batch_size, world_size=world_size)
+    atomic_write_json(Path(out_dir) / RUN_RECORD, record)
