@@ -86,7 +86,6 @@ def run_tokenizer_decode(args: argparse.Namespace) -> None:
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare a tokenized data mixture, or inspect what a batch holds")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    # DATA-CLI: filled in by the data work
     q = dsub.add_parser("prepare", help="tokenize sources into shards + manifest.json (cached when unchanged)")
     q.add_argument("--config", help="TOML file with a [data] table of [[data.sources]]")
     q.add_argument("--input", nargs="+", metavar="PATH",
