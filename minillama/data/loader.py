@@ -93,7 +93,7 @@ class MixtureSchedule:
 
     MODULUS = 1 << 64
 
-    def __init__(self, weights: list[float], seed: int):
+    def __init__(self, weights: list[float], seed: int) -> None:
         total = sum(weights)
         cumulative, bounds = 0.0, [0]
         for w in weights[:-1]:
@@ -147,7 +147,7 @@ def permute(index: int, n: int, key: int) -> int:
 class _TokenStream:
     """The shards of one source and split as one array of tokens (memory-mapped, read on demand)."""
 
-    def __init__(self, data_dir: Path, shards: list[dict[str, Any]], dtype: np.dtype):
+    def __init__(self, data_dir: Path, shards: list[dict[str, Any]], dtype: np.dtype) -> None:
         self.arrays = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r") if s["tokens"] else
                        np.zeros(0, dtype) for s in shards]
         self.starts = [0]
@@ -207,7 +207,7 @@ class MixtureLoader:
 
     def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, split: str = "train", tokenizer_fingerprint: str | None = None,
-                 verify: bool = True, weights: dict[str, float] | None = None):
+                 verify: bool = True, weights: dict[str, float] | None = None) -> None:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             if not isinstance(value, int) or value <= 0:
                 raise MinillamaError(f"{name} must be a positive integer, got {value!r}")

@@ -181,7 +181,7 @@ class _ShardWriter:
     """Appends tokens to <prefix>.00000.bin, .00001.bin, ... of at most `shard_tokens` each, hashing as it goes
     (no second read for the sha256) and fsyncing each shard when it is complete."""
 
-    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.directory, self.prefix, self.dtype, self.shard_tokens = directory, prefix, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._file = None

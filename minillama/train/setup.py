@@ -7,13 +7,18 @@ import dataclasses
 import hashlib
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
 from minillama.files import atomic_directory, atomic_write_json, cache_dir
 
+if TYPE_CHECKING:
+    from minillama.tokenizer import Tokenizer
+    from minillama.train.config import RunConfig
 
-def _sources_key(run) -> str:
+
+def _sources_key(run: RunConfig) -> str:
     """A content key for the run's training text: the sources' config, every input file's size and mtime, and
     the validation split held out of it."""
     from minillama.data.sources import resolve_source
@@ -23,7 +28,7 @@ def _sources_key(run) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_tokenizer(run, show_progress: bool = True):
+def resolve_tokenizer(run: RunConfig, show_progress: bool = True) -> Tokenizer:
     """The run's tokenizer: `tokenizer.path` if given, else a BPE trained on the training split of the run's
     sources (cached)."""
     from minillama.data import training_texts
@@ -42,7 +47,7 @@ def resolve_tokenizer(run, show_progress: bool = True):
     return load_tokenizer(target)
 
 
-def prepare_run_data(run, tokenizer, show_progress: bool = True) -> Path:
+def prepare_run_data(run: RunConfig, tokenizer: Tokenizer, show_progress: bool = True) -> Path:
     """Tokenized shards of the run's sources, in the cache, keyed by sources and tokenizer."""
     from minillama.data import prepare_data
 
@@ -52,7 +57,7 @@ def prepare_run_data(run, tokenizer, show_progress: bool = True) -> Path:
     return out
 
 
-def model_config_for(model: ModelConfig, tokenizer) -> ModelConfig:
+def model_config_for(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model config with the tokenizer's BOS/EOS ids; its vocabulary must hold every token id."""
     if tokenizer.vocab_size > model.vocab_size:
         raise MinillamaError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's vocabulary of "
@@ -60,7 +65,7 @@ def model_config_for(model: ModelConfig, tokenizer) -> ModelConfig:
     return dataclasses.replace(model, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
 
 
-def prepare_run(run, out_dir: Path, show_progress: bool = True):
+def prepare_run(run: RunConfig, out_dir: Path, show_progress: bool = True) -> tuple[Tokenizer, Path, ModelConfig]:
     """(tokenizer, prepared data directory, model config) for a run."""
     tokenizer = resolve_tokenizer(run, show_progress)
     model_cfg = model_config_for(run.model, tokenizer)
@@ -68,7 +73,7 @@ def prepare_run(run, out_dir: Path, show_progress: bool = True):
     return tokenizer, data_dir, model_cfg
 
 
-def sample_text(checkpoint: Path, run, max_new_tokens: int | None = None) -> str:
+def sample_text(checkpoint: Path, run: RunConfig, max_new_tokens: int | None = None) -> str:
     """A sample from a saved checkpoint, with the run's prompt, at temperature 0.8 and a fixed seed."""
     from minillama.checkpoint import load
     from minillama.infer import generate
@@ -80,7 +85,7 @@ def sample_text(checkpoint: Path, run, max_new_tokens: int | None = None) -> str
     return prompt + text
 
 
-def write_run_record(out_dir: Path, run, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
+def write_run_record(out_dir: Path, run: RunConfig, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
     """OUT/run.json (`minillama.data.inspect.run_record`): the resolved config and where its data lives, so
     `minillama data inspect OUT --step N` can show exactly what the run was fed."""
     from minillama.data.inspect import RUN_RECORD, run_record
