@@ -236,16 +236,11 @@ def print_table(results: list[dict]) -> None:
 def _device_name(device: str) -> str:
     import torch
 
+    from minillama.plan.hardware import cpu_model_name
+
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return cpu_model_name()
 
 
 def main(argv: list[str] | None = None) -> int:

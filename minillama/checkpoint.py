@@ -27,7 +27,7 @@ from safetensors.torch import save_file
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
-from minillama.files import aside_path, atomic_directory
+from minillama.files import aside_path, atomic_directory, read_json
 from minillama.interop.hf import (
     CONFIG_FILE,
     config_from_hf,
@@ -50,14 +50,7 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json",
 def read_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory, from its config.json."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MinillamaError(f"{path}: not found; a checkpoint directory needs a config.json") from None
-    try:
-        hf = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: invalid JSON: {exc}") from None
+    hf = read_json(path, missing=f"{path}: not found; a checkpoint directory needs a config.json")
     return config_from_hf(hf, source=str(path))
 
 
@@ -151,12 +144,7 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     if single.exists():
         return [single], None
     index_path = directory / INDEX_FILE
-    if not index_path.exists():
-        raise MinillamaError(f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}; no weights to load")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{index_path}: invalid JSON: {exc}") from None
+    index = read_json(index_path, missing=f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}; no weights to load")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MinillamaError(f"{index_path}: expected a 'weight_map' object of tensor name -> shard file")

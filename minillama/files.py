@@ -43,6 +43,25 @@ def fsync_directory(path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 # One file
 # --------------------------------------------------------------------------------------------------------------
+def read_json(path: str | Path, missing: str | None = None) -> Any:
+    """The JSON value in `path`; text that is not JSON (or not UTF-8) is a MinillamaError naming the file. A
+    missing file raises MinillamaError(`missing`) when `missing` says what its absence means, else
+    FileNotFoundError."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        if missing is None:
+            raise
+        raise MinillamaError(missing) from None
+    except UnicodeDecodeError as exc:
+        raise MinillamaError(f"{path}: invalid JSON (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise MinillamaError(f"{path}: invalid JSON ({exc})") from None
+
+
 def _create_sibling(path: Path, prefix: str, create: Callable[[Path], Any]) -> tuple[Path, Any]:
     """A new, uniquely named sibling of `path`, made by `create` (which raises FileExistsError on a clash).
     Not tempfile.mkstemp/mkdtemp: those make files 0600 and directories 0700, and a checkpoint or data directory
@@ -182,5 +201,5 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         raise
 
 
-__all__ = ["cache_dir", "atomic_write_text", "atomic_write_json", "atomic_directory", "aside_path",
+__all__ = ["cache_dir", "read_json", "atomic_write_text", "atomic_write_json", "atomic_directory", "aside_path",
            "fsync_directory"]

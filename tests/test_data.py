@@ -608,5 +608,5 @@ def test_loader_settings_from_a_run_record_or_defaults(tmp_path):
     assert loader_settings(run) == dict(data_dir=str(data), seq_len=64, batch_size=3, seed=7)
     assert loader_settings(run, seq_len=32, seed=0) == dict(data_dir=str(data), seq_len=32, batch_size=3, seed=0)
     (run / RUN_RECORD).write_text("{broken")
-    with pytest.raises(MinillamaError, match=r"run\.json: not valid JSON"):
+    with pytest.raises(MinillamaError, match=r"run\.json: invalid JSON"):
         loader_settings(run)

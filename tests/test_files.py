@@ -86,3 +86,21 @@ def test_prepared_data_and_checkpoints_share_the_one_atomic_directory():
     offenders = [str(p.relative_to(package)) for p in package.rglob("*.py")
                  if p.name != "files.py" and any(call in p.read_text() for call in calls)]
     assert offenders == []
+
+
+def test_read_json_names_the_file(tmp_path):
+    from minillama.files import read_json
+
+    path = tmp_path / "x.json"
+    path.write_text('{"a": 1}')
+    assert read_json(path) == {"a": 1}
+    path.write_text("{nope")
+    with pytest.raises(MinillamaError, match=r"x\.json: invalid JSON \(Expecting property name"):
+        read_json(path)
+    path.write_bytes(b'{"a": "\xff"}')
+    with pytest.raises(MinillamaError, match=r"x\.json: invalid JSON \(not UTF-8"):
+        read_json(path)
+    with pytest.raises(FileNotFoundError):
+        read_json(tmp_path / "none.json")
+    with pytest.raises(MinillamaError, match="^no run here$"):
+        read_json(tmp_path / "none.json", missing="no run here")

@@ -7,13 +7,13 @@ data and its loader settings, so that `loader_settings(OUT)` gives the batches t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from minillama.data.loader import MixtureLoader
 from minillama.data.prepare import MANIFEST_NAME, TOKENIZER_DIRNAME
 from minillama.errors import MinillamaError
+from minillama.files import read_json
 from minillama.tables import format_columns
 
 RUN_RECORD = "run.json"
@@ -35,10 +35,7 @@ def read_run_record(directory: str | Path) -> dict[str, Any] | None:
     path = Path(directory) / RUN_RECORD
     if not path.is_file() or (Path(directory) / MANIFEST_NAME).exists():
         return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: not valid JSON ({exc})") from None
+    return read_json(path)
 
 
 def loader_settings(directory: str | Path, seq_len: int | None = None, batch_size: int | None = None,

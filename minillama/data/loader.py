@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillama.data.prepare import SPLITS, read_manifest
+from minillama.data.prepare import MANIFEST_NAME, SPLITS, manifest_shards, read_manifest
 from minillama.errors import MinillamaError
 
 IGNORE_INDEX = -100  # torch.nn.functional.cross_entropy's default ignore_index: padded targets add no loss
@@ -178,21 +178,19 @@ def verify_shards(data_dir: str | Path, manifest: dict[str, Any] | None = None, 
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir) if manifest is None else manifest
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for entry in manifest["sources"]:
-        for split in SPLITS:
-            for shard in entry[split]["shards"]:
-                path = data_dir / shard["file"]
-                if not path.is_file():
-                    raise MinillamaError(f"shard {path} is missing (listed in {data_dir / 'manifest.json'})")
-                if path.stat().st_size != shard["tokens"] * itemsize:
-                    raise MinillamaError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
-                                         f"{shard['tokens'] * itemsize}; prepare the data again")
-                if checksums:
-                    with open(path, "rb") as f:
-                        digest = hashlib.file_digest(f, "sha256").hexdigest()
-                    if digest != shard["sha256"]:
-                        raise MinillamaError(f"shard {path}: sha256 {digest} does not match the manifest's "
-                                             f"{shard['sha256']}; the file changed after it was prepared")
+    for shard in manifest_shards(manifest):
+        path = data_dir / shard["file"]
+        if not path.is_file():
+            raise MinillamaError(f"shard {path} is missing (listed in {data_dir / MANIFEST_NAME})")
+        if path.stat().st_size != shard["tokens"] * itemsize:
+            raise MinillamaError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
+                                 f"{shard['tokens'] * itemsize}; prepare the data again")
+        if checksums:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != shard["sha256"]:
+                raise MinillamaError(f"shard {path}: sha256 {digest} does not match the manifest's "
+                                     f"{shard['sha256']}; the file changed after it was prepared")
 
 
 class MixtureLoader:

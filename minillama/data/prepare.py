@@ -52,7 +52,7 @@ from minillama.data.sources import (
     resolve_source,
 )
 from minillama.errors import MinillamaError
-from minillama.files import atomic_directory, atomic_write_json
+from minillama.files import atomic_directory, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -337,16 +337,18 @@ def _cache_key(cfg: DataConfig, files: list[list[Any]], tokenizer: Any, shard_to
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST_NAME
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise MinillamaError(f"{data_dir} is not a prepared data directory: {path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: invalid JSON ({exc})") from None
-    if manifest.get("format") != "minillama-data" or manifest.get("version") != FORMAT_VERSION:
+    manifest = read_json(path, missing=f"{data_dir} is not a prepared data directory: {path} not found")
+    if (not isinstance(manifest, dict) or manifest.get("format") != "minillama-data"
+            or manifest.get("version") != FORMAT_VERSION):
         raise MinillamaError(f"{path}: not a minillama data manifest of version {FORMAT_VERSION}")
     return manifest
+
+
+def manifest_shards(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every shard a manifest lists ({"file", "tokens", "sha256"}), source by source, train before val."""
+    for entry in manifest["sources"]:
+        for split in SPLITS:
+            yield from entry[split]["shards"]
 
 
 def _cache_hit(out_dir: Path, key: str) -> dict[str, Any] | None:
@@ -359,12 +361,10 @@ def _cache_hit(out_dir: Path, key: str) -> dict[str, Any] | None:
     if manifest.get("cache_key") != key:
         return None
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for entry in manifest["sources"]:
-        for split in SPLITS:
-            for shard in entry[split]["shards"]:
-                path = out_dir / shard["file"]
-                if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
-                    return None
+    for shard in manifest_shards(manifest):
+        path = out_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+            return None
     return manifest
 
 

@@ -131,7 +131,8 @@ def detect_hardware(device: object = None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The CPU: measured, not looked up.
 # --------------------------------------------------------------------------------------------------------------
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -179,7 +180,7 @@ def measured_cpu(refresh: bool = False) -> Hardware:
     once (about a second) and is cached per CPU model, thread count and torch version. TDP is unknown (None)."""
     import torch
 
-    key = f"{_cpu_model_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     path = cache_dir() / "cpu_peak.json"
     cached: dict = {}
     if path.exists():
@@ -198,7 +199,7 @@ def measured_cpu(refresh: bool = False) -> Hardware:
             pass  # a read-only home still gets a (re-measured) answer
     probe = cached[key]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return Hardware("cpu", f"{_cpu_model_name()} ({torch.get_num_threads()} threads, measured)",
+    return Hardware("cpu", f"{cpu_model_name()} ({torch.get_num_threads()} threads, measured)",
                     probe["peak_flops_bf16"], probe["peak_flops_fp32"], memory, probe["bandwidth_bytes_per_s"],
                     None, f"matmul probe cached in {path}")
 
@@ -221,4 +222,4 @@ def device_peak_flops(device: object, dtype: str = "bf16") -> float | None:
 
 
 __all__ = ["Hardware", "GPUS", "KNOWN_HARDWARE", "get_hardware", "peak_flops", "detect_hardware", "device_peak_flops",
-           "measured_cpu", "hardware_dict"]
+           "measured_cpu", "cpu_model_name", "hardware_dict"]
