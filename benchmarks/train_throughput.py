@@ -111,7 +111,7 @@ def build_hf_step(cfg, inputs, targets, device: str, compile: bool, attention: s
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from minillama.checkpoint import config_to_hf, hf_state_dict
+    from minillama.interop.hf import config_to_hf, hf_state_dict
     from minillama.model import Transformer
 
     ours = Transformer(cfg)
@@ -304,16 +304,11 @@ def print_table(results: list[dict]) -> None:
 def _device_name(device: str) -> str:
     import torch
 
+    from minillama.plan.hardware import cpu_model_name
+
     if device.startswith("cuda"):
         return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
+    return cpu_model_name()
 
 
 def main(argv: list[str] | None = None) -> int:

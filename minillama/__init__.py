@@ -6,23 +6,13 @@
     minillama.save(model, tokenizer, "path/to/out")
 """
 
+from minillama.checkpoint import load, save
 from minillama.config import PRESETS, ModelConfig, RopeScaling
 from minillama.errors import MinillamaError
 from minillama.model import KVCache, Transformer, count_parameters
+from minillama.tokenizer import Tokenizer, load_tokenizer
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "MinillamaError", "KVCache", "Transformer", "count_parameters"]
-
-try:  # the checkpoint and tokenizer modules are added alongside; keep the core importable meanwhile
-    from minillama.checkpoint import load, save  # noqa: F401
-
-    __all__ += ["load", "save"]
-except ImportError:  # pragma: no cover
-    pass
-try:
-    from minillama.tokenizer import Tokenizer, load_tokenizer  # noqa: F401
-
-    __all__ += ["Tokenizer", "load_tokenizer"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["PRESETS", "ModelConfig", "RopeScaling", "MinillamaError", "KVCache", "Transformer", "count_parameters",
+           "load", "save", "Tokenizer", "load_tokenizer"]

@@ -3,28 +3,21 @@
 Our native format *is* the Hugging Face layout, so a directory we save opens in `transformers` and
 llama.cpp's converters as it is, and a Llama downloaded from the Hub loads here without a conversion step:
 
-    config.json                        LlamaForCausalLM fields (see `config_to_hf`)
+    config.json                        LlamaForCausalLM fields (see `minillama.interop.hf`)
     model.safetensors                  all tensors, or above `max_shard_bytes`:
     model-00001-of-0000N.safetensors   ... N shards, and
     model.safetensors.index.json       {"metadata": {"total_size": ...}, "weight_map": {tensor: shard file}}
     tokenizer files                    whatever `Tokenizer.save` writes
 
 Weights are read with safetensors only, never `torch.load`: a pickle can run arbitrary code, a safetensors file
-is a JSON header and raw bytes. Saving is atomic (see `atomic_directory`), so a crash while saving never leaves
-a half-written checkpoint where a complete one was. The training loop stores its model through `save_model_files`
-inside its own step directory and keeps optimizer state beside it.
+is a JSON header and raw bytes. Saving is atomic (see `minillama.files.atomic_directory`), so a crash while
+saving never leaves a half-written checkpoint where a complete one was. The training loop stores its model
+through `save_model_files` inside its own step directory and keeps optimizer state beside it.
 """
 
 from __future__ import annotations
 
-import contextlib
-import glob
 import json
-import os
-import re
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,11 +25,20 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from minillama.config import ModelConfig, RopeScaling
+from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
+from minillama.files import aside_path, atomic_directory, read_json
+from minillama.interop.hf import (
+    CONFIG_FILE,
+    config_from_hf,
+    config_to_hf,
+    from_hf_name,
+    hf_state_dict,
+    to_hf_name,
+    unwrap_compiled,
+)
 from minillama.model import Transformer
 
-CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # transformers 4.x's default `max_shard_size="5GB"` (decimal, as HF counts); transformers 5 moved to 50GB, but
@@ -45,265 +47,16 @@ DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Names `load` takes as evidence that a directory holds a tokenizer: HF tokenizers, sentencepiece, tiktoken.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.tiktoken")
 
-_SHARD_PATTERN = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
-
-
-# --------------------------------------------------------------------------------------------------------------
-# Tensor names: ours <-> Hugging Face's LlamaForCausalLM. Our RoPE already uses HF's "rotate half" layout, so
-# the weights themselves need no permutation (Meta's original checkpoints would).
-# --------------------------------------------------------------------------------------------------------------
-_TOP_LEVEL_NAMES = {
-    "tok_embeddings.weight": "model.embed_tokens.weight",
-    "norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_LAYER_NAMES = {  # inside layers.{i}. (ours) and model.layers.{i}. (HF)
-    "attention.wq.weight": "self_attn.q_proj.weight",
-    "attention.wk.weight": "self_attn.k_proj.weight",
-    "attention.wv.weight": "self_attn.v_proj.weight",
-    "attention.wo.weight": "self_attn.o_proj.weight",
-    "feed_forward.w1.weight": "mlp.gate_proj.weight",
-    "feed_forward.w3.weight": "mlp.up_proj.weight",
-    "feed_forward.w2.weight": "mlp.down_proj.weight",
-    "attention_norm.weight": "input_layernorm.weight",
-    "ffn_norm.weight": "post_attention_layernorm.weight",
-}
-_TOP_LEVEL_FROM_HF = {hf: ours for ours, hf in _TOP_LEVEL_NAMES.items()}
-_LAYER_FROM_HF = {hf: ours for ours, hf in _LAYER_NAMES.items()}
-# Wrappers that prefix parameter names: torch.compile and activation checkpointing. Saving sees through them.
-_WRAPPER_PREFIXES = ("_orig_mod.", "_checkpoint_wrapped_module.")
-
-
-def to_hf_name(name: str) -> str:
-    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
-    if name in _TOP_LEVEL_NAMES:
-        return _TOP_LEVEL_NAMES[name]
-    match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _LAYER_NAMES:
-        return f"model.layers.{match.group(1)}.{_LAYER_NAMES[match.group(2)]}"
-    raise MinillamaError(f"parameter {name!r} has no Hugging Face LlamaForCausalLM name")
-
-
-def from_hf_name(name: str) -> str | None:
-    """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; None for a name we lack."""
-    if name in _TOP_LEVEL_FROM_HF:
-        return _TOP_LEVEL_FROM_HF[name]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
-    if match and match.group(2) in _LAYER_FROM_HF:
-        return f"layers.{match.group(1)}.{_LAYER_FROM_HF[match.group(2)]}"
-    return None
-
-
-# --------------------------------------------------------------------------------------------------------------
-# config.json <-> ModelConfig
-# --------------------------------------------------------------------------------------------------------------
-_REQUIRED = object()
-
-
-def _field(hf: dict[str, Any], key: str, kind: type, source: str, default: Any = _REQUIRED) -> Any:
-    """hf[key] checked against `kind`; a missing or null key gives `default`, or an error if it is required."""
-    value = hf.get(key)
-    if value is None:
-        if default is _REQUIRED:
-            raise MinillamaError(f"{source}: missing required key {key!r}")
-        return default
-    if kind is bool:
-        ok = isinstance(value, bool)
-    elif kind is int:
-        ok = (isinstance(value, int) and not isinstance(value, bool)) or (
-            isinstance(value, float) and value.is_integer())
-    elif kind is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    else:
-        ok = isinstance(value, kind)
-    if not ok:
-        raise MinillamaError(f"{source}: {key} must be {kind.__name__}, got {value!r}")
-    return kind(value)
-
-
-def _token_id(hf: dict[str, Any], key: str, default: int, source: str) -> int:
-    """bos/eos ids; Llama 3 instruct models list several eos ids, of which the first ends a document."""
-    value = hf.get(key)
-    if isinstance(value, list):
-        if not value:
-            return default
-        return _field({key: value[0]}, key, int, source)
-    return _field(hf, key, int, source, default)
-
-
-def _rope_from_hf(hf: dict[str, Any], source: str) -> tuple[float, RopeScaling | None]:
-    """(rope_theta, scaling) from transformers 5's `rope_parameters` or transformers 4's `rope_theta` +
-    `rope_scaling`. transformers 5 reads `rope_parameters` first when both are present, and so do we."""
-    if isinstance(hf.get("rope_parameters"), dict):
-        params, where = hf["rope_parameters"], "rope_parameters"
-        theta = _field(params, "rope_theta", float, f"{source}: {where}", 10000.0)
-    elif hf.get("rope_parameters") is not None:
-        raise MinillamaError(f"{source}: rope_parameters must be an object, got {hf['rope_parameters']!r}")
-    else:
-        theta = _field(hf, "rope_theta", float, source, 10000.0)
-        params, where = hf.get("rope_scaling") or {}, "rope_scaling"
-        if not isinstance(params, dict):
-            raise MinillamaError(f"{source}: rope_scaling must be an object or null, got {params!r}")
-    rope_type = params.get("rope_type", params.get("type", "default"))  # "type" before transformers 4.42
-    if rope_type == "default":
-        return theta, None
-    if rope_type != "llama3":
-        raise MinillamaError(f"{source}: {where}.rope_type={rope_type!r} is not supported; minillama implements "
-                             "'default' and Llama 3.1's 'llama3'")
-    where = f"{source}: {where}"
-    scaling = RopeScaling(
-        factor=_field(params, "factor", float, where),
-        low_freq_factor=_field(params, "low_freq_factor", float, where),
-        high_freq_factor=_field(params, "high_freq_factor", float, where),
-        original_max_position_embeddings=_field(params, "original_max_position_embeddings", int, where),
-    )
-    if scaling.factor <= 0 or scaling.original_max_position_embeddings <= 0:
-        raise MinillamaError(f"{where} factor and original_max_position_embeddings must be positive")
-    if scaling.high_freq_factor <= scaling.low_freq_factor:
-        raise MinillamaError(f"{where} high_freq_factor={scaling.high_freq_factor} must exceed "
-                             f"low_freq_factor={scaling.low_freq_factor} (the blend divides by their difference)")
-    return theta, scaling
-
-
-def config_from_hf(hf: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
-    """A ModelConfig from the fields of a Hugging Face LlamaConfig (`config.json` as a dict).
-
-    The shape keys are required rather than defaulted to LlamaConfig's 7B values: a config.json without
-    `hidden_size` is broken, and a 7B-shaped guess would only fail later, against the tensors, less clearly.
-    Errors name the HF key and `source`, since that is what the user can open and fix.
-    """
-    if not isinstance(hf, dict):
-        raise MinillamaError(f"{source}: expected a JSON object, got {type(hf).__name__}")
-    model_type = hf.get("model_type")
-    if model_type != "llama":
-        raise MinillamaError(f"{source}: model_type={model_type!r}, expected 'llama'")
-    for key, unsupported in (("attention_bias", True), ("mlp_bias", True)):
-        if hf.get(key) == unsupported:
-            raise MinillamaError(f"{source}: {key}=true is not supported (LLaMA's projections have no bias)")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise MinillamaError(f"{source}: hidden_act={hf['hidden_act']!r} is not supported, expected 'silu'")
-
-    dim = _field(hf, "hidden_size", int, source)
-    n_heads = _field(hf, "num_attention_heads", int, source)
-    n_kv_heads = _field(hf, "num_key_value_heads", int, source, n_heads)
-    head_dim = _field(hf, "head_dim", int, source, None)
-    shape = {"hidden_size": dim, "num_attention_heads": n_heads, "num_key_value_heads": n_kv_heads,
-             "num_hidden_layers": _field(hf, "num_hidden_layers", int, source),
-             "intermediate_size": _field(hf, "intermediate_size", int, source),
-             "vocab_size": _field(hf, "vocab_size", int, source),
-             "max_position_embeddings": _field(hf, "max_position_embeddings", int, source, 2048)}
-    for key, value in shape.items():
-        if value <= 0:
-            raise MinillamaError(f"{source}: {key}={value} must be positive")
-    if head_dim is None and dim % n_heads != 0:
-        raise MinillamaError(f"{source}: hidden_size={dim} is not divisible by num_attention_heads={n_heads} "
-                             "and no head_dim is given")
-    if n_heads % n_kv_heads != 0:
-        raise MinillamaError(f"{source}: num_attention_heads={n_heads} is not a multiple of "
-                             f"num_key_value_heads={n_kv_heads}")
-    rope_theta, rope_scaling = _rope_from_hf(hf, source)
-    try:
-        return ModelConfig(
-            dim=dim, n_layers=shape["num_hidden_layers"], n_heads=n_heads, n_kv_heads=n_kv_heads,
-            vocab_size=shape["vocab_size"], ffn_hidden_dim=shape["intermediate_size"], head_dim=head_dim,
-            norm_eps=_field(hf, "rms_norm_eps", float, source, 1e-6),  # LlamaConfig's default
-            rope_theta=rope_theta, rope_scaling=rope_scaling, max_seq_len=shape["max_position_embeddings"],
-            tie_embeddings=_field(hf, "tie_word_embeddings", bool, source, False),
-            bos_id=_token_id(hf, "bos_token_id", 1, source), eos_id=_token_id(hf, "eos_token_id", 2, source),
-        )
-    except MinillamaError as exc:  # what ModelConfig.validate still catches, e.g. an odd head_dim
-        raise MinillamaError(f"{source}: {exc}") from None
-
-
-def config_to_hf(cfg: ModelConfig, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """The config.json fields of a LlamaForCausalLM equal to `cfg`.
-
-    RoPE is written in both styles: `rope_parameters` for transformers 5 (which prefers it) and `rope_theta` +
-    `rope_scaling` for transformers 4.4x (which keeps the unknown `rope_parameters` as an inert attribute).
-    Likewise `dtype` (5.x) and `torch_dtype` (4.x) name the stored float type.
-    """
-    scaling = None
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        scaling = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
-                   "high_freq_factor": s.high_freq_factor,
-                   "original_max_position_embeddings": s.original_max_position_embeddings}
-    rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    if scaling is not None:
-        rope_parameters = {**scaling, "rope_theta": cfg.rope_theta}
-    hf: dict[str, Any] = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden_dim,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "vocab_size": cfg.vocab_size,
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "hidden_act": "silu",
-        "attention_bias": False,
-        "mlp_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "bos_token_id": cfg.bos_id,
-        "eos_token_id": cfg.eos_id,
-        "rope_theta": cfg.rope_theta,
-        "rope_scaling": scaling,
-        "rope_parameters": rope_parameters,
-        "initializer_range": 0.02,
-        "use_cache": True,
-    }
-    if dtype is not None:
-        hf["dtype"] = hf["torch_dtype"] = str(dtype).removeprefix("torch.")
-    return hf
-
-
 def read_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory, from its config.json."""
     path = Path(directory) / CONFIG_FILE
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise MinillamaError(f"{path}: not found; a checkpoint directory needs a config.json") from None
-    try:
-        hf = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: invalid JSON: {exc}") from None
+    hf = read_json(path, missing=f"{path}: not found; a checkpoint directory needs a config.json")
     return config_from_hf(hf, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Saving
 # --------------------------------------------------------------------------------------------------------------
-def _unwrapped(model: torch.nn.Module) -> Transformer:
-    return getattr(model, "_orig_mod", model)  # torch.compile's wrapper keeps the module it compiled
-
-
-def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under HF names, contiguous on the CPU, floats cast to `dtype` if given.
-
-    A tied output projection is left out: HF ties it back from `tie_word_embeddings`, and safetensors refuses
-    two names for one storage anyway.
-    """
-    cfg = _unwrapped(model).cfg
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        if cfg.tie_embeddings and name == "output.weight":
-            continue
-        if tensor.device.type == "meta":
-            raise MinillamaError(f"cannot save {name}: it is on the meta device (call init_weights() or load "
-                                 "weights into the model first)")
-        if dtype is not None and tensor.is_floating_point():
-            tensor = tensor.to(dtype)
-        tensors[to_hf_name(name)] = tensor.detach().cpu().contiguous()
-    return tensors
-
-
 def _plan_shards(tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> list[list[str]]:
     """Tensor names grouped into shards of at most max_shard_bytes, in order, as transformers does; a tensor
     bigger than the limit gets a shard to itself (tensors are never split)."""
@@ -338,7 +91,7 @@ def save_model_files(model: torch.nn.Module, tokenizer: Any, directory: str | Pa
     if not isinstance(max_shard_bytes, int) or max_shard_bytes <= 0:
         raise MinillamaError(f"max_shard_bytes must be a positive integer, got {max_shard_bytes!r}")
     directory = Path(directory)
-    cfg = _unwrapped(model).cfg
+    cfg = unwrap_compiled(model).cfg
     tensors = hf_state_dict(model, dtype)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     hf_config = config_to_hf(cfg, float_dtypes.pop() if len(float_dtypes) == 1 else None)
@@ -382,89 +135,6 @@ def save(model: torch.nn.Module, tokenizer: Any, directory: str | Path, *,
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Atomic replacement of a directory
-# --------------------------------------------------------------------------------------------------------------
-def _aside_path(directory: Path) -> Path:
-    """Where the previous checkpoint waits during the swap. Hidden (a leading dot) so a trainer listing its
-    `step-*` directories never mistakes it for a checkpoint."""
-    return directory.parent / f".{directory.name}.old"
-
-
-def _fsync_dir(path: Path) -> None:
-    """fsync a directory, which makes the names created or renamed in it durable (files alone are not)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, filenames in os.walk(root):
-        for filename in filenames:
-            with open(os.path.join(dirpath, filename), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
-
-
-def _recover_interrupted_swap(directory: Path) -> None:
-    """Undo what a crash inside `atomic_directory` left behind.
-
-    The aside copy exists only between renaming the old directory away and deleting it. If `directory` is
-    missing, the crash came before the new one was renamed in, so the old one goes back; if present, the new
-    one is complete and the old is garbage. Temporary directories from crashed saves are incomplete by
-    construction and are removed.
-    """
-    aside = _aside_path(directory)
-    if aside.exists():
-        if directory.exists():
-            shutil.rmtree(aside)
-        else:
-            os.rename(aside, directory)
-            _fsync_dir(directory.parent)
-    for stale in directory.parent.glob(f".{glob.escape(directory.name)}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def atomic_directory(directory: str | Path) -> Iterator[Path]:
-    """Yield an empty temporary sibling of `directory`; when the block ends without an exception, fsync
-    everything in it and swap it into place. On an exception the temporary directory is removed and an
-    existing `directory` is left untouched.
-
-    The swap is rename old -> `.NAME.old`, rename new -> NAME, fsync the parent, delete the old. Every rename is
-    atomic, so at any instant a complete checkpoint exists as NAME or, for the moment between the two
-    renames, as `.NAME.old`; the next `atomic_directory` on NAME puts it back, and `load` names it. (Linux's
-    renameat2(RENAME_EXCHANGE) would close that gap, but Python does not expose it and macOS lacks it.)
-    """
-    directory = Path(directory).absolute()
-    if directory.exists() and not directory.is_dir():
-        raise MinillamaError(f"{directory} exists and is not a directory; refusing to replace it")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    _recover_interrupted_swap(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
-        yield tmp
-        _fsync_tree(tmp)
-        if directory.exists():
-            aside = _aside_path(directory)
-            os.rename(directory, aside)
-            try:
-                os.rename(tmp, directory)
-            except BaseException:
-                os.rename(aside, directory)
-                raise
-            _fsync_dir(directory.parent)
-            shutil.rmtree(aside)
-        else:
-            os.rename(tmp, directory)
-            _fsync_dir(directory.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
 def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -474,12 +144,7 @@ def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
     if single.exists():
         return [single], None
     index_path = directory / INDEX_FILE
-    if not index_path.exists():
-        raise MinillamaError(f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}; no weights to load")
-    try:
-        index = json.loads(index_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{index_path}: invalid JSON: {exc}") from None
+    index = read_json(index_path, missing=f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}; no weights to load")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MinillamaError(f"{index_path}: expected a 'weight_map' object of tensor name -> shard file")
@@ -579,7 +244,7 @@ def load_model(directory: str | Path, *, device: torch.device | str = "cpu",
 def _check_directory(directory: Path) -> None:
     if directory.is_dir():
         return
-    aside = _aside_path(directory.absolute())
+    aside = aside_path(directory.absolute())
     if aside.is_dir():
         raise MinillamaError(f"{directory} not found, but {aside} holds the complete checkpoint that an "
                              "interrupted save moved aside; rename it back (saving to the directory again "
@@ -611,6 +276,5 @@ def load(directory: str | Path, *, device: torch.device | str = "cpu",
     return model, tokenizer
 
 
-__all__ = ["save", "load", "load_model", "load_state", "save_model_files", "atomic_directory", "read_config",
-           "config_from_hf", "config_to_hf", "hf_state_dict", "to_hf_name", "from_hf_name", "has_tokenizer",
+__all__ = ["save", "load", "load_model", "load_state", "save_model_files", "read_config", "has_tokenizer",
            "DEFAULT_MAX_SHARD_BYTES", "TOKENIZER_FILES"]

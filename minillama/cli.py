@@ -24,24 +24,10 @@ def add_presets_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def run_presets(args: argparse.Namespace) -> None:
-    from minillama.config import PRESETS, ModelConfig
-    from minillama.model import count_parameters
+    from minillama.plan.presets import format_preset_table, preset_table
 
-    rows = []
-    for name in PRESETS:
-        cfg = ModelConfig.from_preset(name)
-        rows.append(dict(name=name, params=count_parameters(cfg), layers=cfg.n_layers, dim=cfg.dim,
-                         heads=cfg.n_heads, kv_heads=cfg.n_kv_heads, ffn=cfg.ffn_hidden_dim, vocab=cfg.vocab_size,
-                         context=cfg.max_seq_len))
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return
-    columns = ["name", "params", "layers", "dim", "heads", "kv_heads", "ffn", "vocab", "context"]
-    cells = [[f"{r[c]:,}" if c == "params" else str(r[c]) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
-    print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths))))
-    for row in cells:
-        print("  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(row, widths))))
+    rows = preset_table()
+    print(json.dumps(rows, indent=2) if args.json else format_preset_table(rows))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -100,7 +86,6 @@ def run_tokenizer_decode(args: argparse.Namespace) -> None:
 def add_data_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="prepare a tokenized data mixture, or inspect what a batch holds")
     dsub = p.add_subparsers(dest="data_command", required=True)
-    # DATA-CLI: filled in by the data work
     q = dsub.add_parser("prepare", help="tokenize sources into shards + manifest.json (cached when unchanged)")
     q.add_argument("--config", help="TOML file with a [data] table of [[data.sources]]")
     q.add_argument("--input", nargs="+", metavar="PATH",
@@ -153,20 +138,11 @@ def run_data_prepare(args: argparse.Namespace) -> None:
 
 def run_data_inspect(args: argparse.Namespace) -> None:
     from minillama.data import MixtureLoader
-    from minillama.data.inspect import format_inspection, inspect_batch, load_data_tokenizer
-    from minillama.train.setup import read_run_record
+    from minillama.data.inspect import format_inspection, inspect_batch, load_data_tokenizer, loader_settings
 
-    run = read_run_record(args.dir)  # None for a prepared data directory
-    if run is not None:
-        args.dir = run["data_dir"]
-    defaults = dict(seq_len=256, batch_size=8, seed=0) if run is None else \
-        dict(seq_len=run["seq_len"], batch_size=run["per_rank_batch_size"], seed=run["seed"])
-    for key, value in defaults.items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    loader = MixtureLoader(args.dir, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed,
-                           rank=args.rank, world_size=args.world_size, verify=args.verify)
-    tokenizer = load_data_tokenizer(args.dir, args.tokenizer)
+    settings = loader_settings(args.dir, seq_len=args.seq_len, batch_size=args.batch_size, seed=args.seed)
+    loader = MixtureLoader(**settings, rank=args.rank, world_size=args.world_size, verify=args.verify)
+    tokenizer = load_data_tokenizer(settings["data_dir"], args.tokenizer)
     rows = inspect_batch(loader, args.step, tokenizer)
     print(json.dumps(rows, indent=1) if args.json else format_inspection(loader, args.step, rows))
 

@@ -160,12 +160,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 # --------------------------------------------------------------------------------------------------------------
 # TOML onto dataclasses, with `--set section.key=value` overrides. Errors name the key in full.
 # --------------------------------------------------------------------------------------------------------------
-def _type_hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """Check `value` against a type hint (int, float, str, bool, Optional, list, nested dataclass)."""
+def coerce_value(value: Any, hint: Any, key: str) -> Any:
+    """`value` checked against a type hint (int, float, str, bool, Optional, list, nested dataclass) and
+    converted where lossless (an integral float to int, an int to float). `key` names the value in the error,
+    e.g. "train.lr" or "config.json: hidden_size". The one place minillama checks a value read from a file."""
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(hint)
@@ -176,7 +174,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             if arg is type(None):
                 continue
             try:
-                return _coerce(value, arg, key)
+                return coerce_value(value, arg, key)
             except MinillamaError as exc:
                 errors.append(str(exc))
         raise MinillamaError(errors[0] if errors else f"{key}: unexpected value {value!r}")
@@ -190,7 +188,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         (item_hint, *_) = typing.get_args(hint) or (Any,)
         if not isinstance(value, (list, tuple)):
             raise MinillamaError(f"{key} must be a list, got {value!r}")
-        return [_coerce(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [coerce_value(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is dict or hint is Any:
         return value
     if hint is bool:
@@ -216,12 +214,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 def build_dataclass(cls: type, values: dict[str, Any], prefix: str) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys and wrong types with the key's full name."""
-    hints = _type_hints(cls)
+    hints = typing.get_type_hints(cls)
     known = {f.name for f in fields(cls) if f.init}
     for key in values:
         if key not in known:
             raise MinillamaError(f"unknown key {prefix}.{key}; known keys: {', '.join(sorted(known))}")
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
+    kwargs = {k: coerce_value(v, hints[k], f"{prefix}.{k}") for k, v in values.items()}
     return cls(**kwargs)
 
 
@@ -275,5 +273,6 @@ def model_config_from_table(table: dict[str, Any], prefix: str = "model") -> Mod
     return build_dataclass(ModelConfig, table, prefix)
 
 
-__all__ = ["ModelConfig", "RopeScaling", "PRESETS", "swiglu_hidden_dim", "build_dataclass", "apply_overrides",
+__all__ = ["ModelConfig", "RopeScaling", "PRESETS", "swiglu_hidden_dim", "build_dataclass", "coerce_value",
+           "apply_overrides",
            "parse_override", "read_toml", "model_config_from_table"]

@@ -25,7 +25,7 @@ import hashlib
 import json
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +119,7 @@ class HuggingFaceTokenizer(Tokenizer):
     """A `tokenizers.Tokenizer` (tokenizer.json). bos/eos come from `tokenizer_config.json` when there is one."""
 
     def __init__(self, tokenizer: Any, bos_token: str | None, eos_token: str | None,
-                 config: dict[str, Any] | None = None):
+                 config: dict[str, Any] | None = None) -> None:
         self._tok = tokenizer
         # Text is text (module docstring). Not part of tokenizer.json, so set on every construction.
         self._tok.encode_special_tokens = True
@@ -209,7 +209,7 @@ class SentencePieceTokenizer(Tokenizer):
     """A SentencePiece model, ids exactly as `sentencepiece` gives them (Meta's llama/tokenizer.py does the same:
     `sp_model.encode(s)`, then bos/eos added around it)."""
 
-    def __init__(self, model_proto: bytes):
+    def __init__(self, model_proto: bytes) -> None:
         import sentencepiece
 
         try:
@@ -321,7 +321,7 @@ class TiktokenTokenizer(Tokenizer):
     pattern = LLAMA3_SPLIT_PATTERN
     special_token_names = LLAMA3_SPECIAL_TOKENS
 
-    def __init__(self, mergeable_ranks: dict[bytes, int]):
+    def __init__(self, mergeable_ranks: dict[bytes, int]) -> None:
         import tiktoken
 
         ranks = sorted(mergeable_ranks.values())
@@ -521,7 +521,7 @@ def _check_vocab_size(vocab_size: int) -> None:
                              f"(256 bytes + {len(BPE_SPECIAL_TOKENS)} special tokens)")
 
 
-def _train(run_trainer, vocab_size: int, out_dir: str | Path | None, min_frequency: int,
+def _train(run_trainer: Callable[[Any, Any], None], vocab_size: int, out_dir: str | Path | None, min_frequency: int,
            show_progress: bool) -> HuggingFaceTokenizer:
     from tokenizers import Regex, decoders, models, pre_tokenizers, processors, trainers
     from tokenizers import Tokenizer as RustTokenizer

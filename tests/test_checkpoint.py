@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 import minillama
 from minillama import MinillamaError, ModelConfig, Transformer
 from minillama import checkpoint as ckpt
-from minillama.checkpoint import config_from_hf, config_to_hf, load, save
+from minillama.checkpoint import load, save
+from minillama.interop.hf import config_from_hf, config_to_hf
 from minillama.model import rope_inverse_frequencies
 
 transformers = pytest.importorskip("transformers")
@@ -330,7 +331,15 @@ def edit_weights(directory: Path, drop: str | None = None, add: dict | None = No
     (lambda d: edit_config(d, model_type="mistral"), r"config\.json: model_type='mistral', expected 'llama'"),
     (lambda d: edit_config(d, model_type=None), r"config\.json: model_type=None"),
     (lambda d: edit_config(d, vocab_size=None), r"config\.json: missing required key 'vocab_size'"),
-    (lambda d: edit_config(d, hidden_size="64"), r"config\.json: hidden_size must be int, got '64'"),
+    (lambda d: edit_config(d, hidden_size="64"), r"config\.json: hidden_size must be an integer, got '64'"),
+    (lambda d: edit_config(d, hidden_size=64.5), r"config\.json: hidden_size must be an integer, got 64\.5"),
+    (lambda d: edit_config(d, tie_word_embeddings=1),
+     r"config\.json: tie_word_embeddings must be true or false, got 1"),
+    (lambda d: edit_config(d, rms_norm_eps=True), r"config\.json: rms_norm_eps must be a number, got True"),
+    (lambda d: edit_config(d, rope_parameters={"rope_type": "llama3", "rope_theta": 1e4, "factor": "8",
+                                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                               "original_max_position_embeddings": 32}),
+     r"config\.json: rope_parameters: factor must be a number, got '8'"),
     (lambda d: edit_config(d, hidden_size=65, head_dim=None),
      r"config\.json: hidden_size=65 is not divisible by num_attention_heads=8"),
     (lambda d: edit_config(d, num_key_value_heads=3),
@@ -358,6 +367,7 @@ def edit_weights(directory: Path, drop: str | None = None, add: dict | None = No
      r"model\.safetensors: not a readable safetensors file"),
     (lambda d: (d / "model.safetensors").unlink(), r"no model\.safetensors and no model\.safetensors\.index\.json"),
 ], ids=["no-config", "bad-json", "not-object", "model-type", "no-model-type", "missing-key", "wrong-type",
+        "fractional-int", "int-for-bool", "bool-for-float", "string-in-rope",
         "indivisible", "kv-heads", "zero-layers", "odd-head-dim", "bias", "rope-type", "rope-key", "shape",
         "missing-tensor", "missing-lm-head", "extra-tensor", "extra-layer", "truncated", "corrupt", "no-weights"])
 def test_bad_checkpoint_is_refused(saved, edit, message):

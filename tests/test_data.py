@@ -589,3 +589,24 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "none.txt" in err
     assert main(["data", "inspect", str(tmp_path), "--step", "0"]) == 2
     assert "not a prepared data directory" in capsys.readouterr().err
+
+
+def test_loader_settings_from_a_run_record_or_defaults(tmp_path):
+    from minillama.data.inspect import RUN_RECORD, loader_settings, read_run_record, run_record
+    from minillama.files import atomic_write_json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "manifest.json").write_text("{}")  # a prepared directory: no run.json is looked for
+    assert read_run_record(data) is None
+    assert loader_settings(data) == dict(data_dir=data, seq_len=256, batch_size=8, seed=0)
+    run = tmp_path / "run"
+    run.mkdir()
+    atomic_write_json(run / RUN_RECORD, run_record({"train": {}}, data, seq_len=64, seed=7, per_rank_batch_size=3,
+                                                   world_size=2))
+    assert read_run_record(run)["world_size"] == 2
+    assert loader_settings(run) == dict(data_dir=str(data), seq_len=64, batch_size=3, seed=7)
+    assert loader_settings(run, seq_len=32, seed=0) == dict(data_dir=str(data), seq_len=32, batch_size=3, seed=0)
+    (run / RUN_RECORD).write_text("{broken")
+    with pytest.raises(MinillamaError, match=r"run\.json: invalid JSON"):
+        loader_settings(run)

@@ -272,7 +272,22 @@ def test_hardware_table_is_dense_peaks():
         assert hw.peak_flops_bf16 > hw.peak_flops_fp32 > 0 and hw.memory_bytes > 0 and hw.tdp_w > 0
 
 
+def test_preset_table_counts_every_preset():
+    from minillama.plan import format_preset_table, preset_table
+
+    rows = preset_table()
+    assert [row["name"] for row in rows] == list(PRESETS)
+    for row in rows:
+        cfg = ModelConfig.from_preset(row["name"])
+        assert row["params"] == count_parameters(cfg) and row["kv_heads"] == cfg.n_kv_heads
+    lines = format_preset_table(rows).splitlines()
+    assert lines[0].split()[:2] == ["name", "params"] and len(lines) == len(rows) + 1
+    assert len({len(line) for line in lines}) == 1  # aligned columns
+    assert lines[1].split()[1] == f"{rows[0]['params']:,}"
+
+
 def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
+    monkeypatch.delenv("MINILLAMA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
     monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: calls.append(dtype) or 1e11)
@@ -283,6 +298,18 @@ def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     assert hardware.detect_hardware("cpu") == "cpu"
     p = plan(model="tiny", gpu="cpu", power_w=65)
     assert p["peak_flops_per_s"] == 1e11 and p["energy_mwh"] > 0
+
+
+def test_cpu_probe_is_cached_under_minillama_cache(tmp_path, monkeypatch):
+    """$MINILLAMA_CACHE moves every cache, the planner's CPU probe included (it once followed only XDG)."""
+    monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path / "mine"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: 2e11)
+    monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
+    cpu = hardware.get_hardware("cpu")
+    assert cpu.peak_flops("fp32") == 2e11
+    assert (tmp_path / "mine" / "cpu_peak.json").exists() and not (tmp_path / "xdg").exists()
+    assert str(tmp_path / "mine" / "cpu_peak.json") in cpu.source
 
 
 def test_real_cpu_probe_runs(tmp_path, monkeypatch):

@@ -1,5 +1,9 @@
 """What the model is fed, in words: a batch's sequences with their source, epoch, window and decoded start, and
-a summary of a prepared directory. The CLI's `data prepare` and `data inspect` print these."""
+a summary of a prepared directory. The CLI's `data prepare` and `data inspect` print these.
+
+A training run leaves OUT/run.json (`RUN_RECORD`, written by the trainer through `run_record`), which names its
+data and its loader settings, so that `loader_settings(OUT)` gives the batches the run was fed.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +11,46 @@ from pathlib import Path
 from typing import Any
 
 from minillama.data.loader import MixtureLoader
-from minillama.data.prepare import TOKENIZER_DIRNAME
+from minillama.data.prepare import MANIFEST_NAME, TOKENIZER_DIRNAME
 from minillama.errors import MinillamaError
+from minillama.files import read_json
+from minillama.tables import format_columns
+
+RUN_RECORD = "run.json"
+# What `data inspect` assumes for a prepared directory that no run.json describes.
+DEFAULT_SEQ_LEN, DEFAULT_BATCH_SIZE, DEFAULT_SEED = 256, 8, 0
+
+
+def run_record(config: dict[str, Any], data_dir: str | Path, seq_len: int, seed: int, per_rank_batch_size: int,
+               world_size: int) -> dict[str, Any]:
+    """The contents of a run's OUT/run.json: its resolved config, where its prepared data lives, and what its
+    loader was given, under the keys `read_run_record` and `loader_settings` read."""
+    return dict(config=config, data_dir=str(data_dir), seq_len=seq_len, seed=seed,
+                per_rank_batch_size=per_rank_batch_size, world_size=world_size)
+
+
+def read_run_record(directory: str | Path) -> dict[str, Any] | None:
+    """A training run's run.json (see `run_record`); None when `directory` has none or is a prepared data
+    directory itself."""
+    path = Path(directory) / RUN_RECORD
+    if not path.is_file() or (Path(directory) / MANIFEST_NAME).exists():
+        return None
+    return read_json(path)
+
+
+def loader_settings(directory: str | Path, seq_len: int | None = None, batch_size: int | None = None,
+                    seed: int | None = None) -> dict[str, Any]:
+    """`data_dir`, `seq_len`, `batch_size` and `seed` for a MixtureLoader over `directory`: a prepared data
+    directory, or a training run's output directory, whose run.json names its data and the run's per-rank batch
+    size, sequence length and seed. Arguments given override; the rest default to the run's, else 256, 8 and 0."""
+    run = read_run_record(directory)
+    if run is None:
+        defaults = dict(data_dir=directory, seq_len=DEFAULT_SEQ_LEN, batch_size=DEFAULT_BATCH_SIZE, seed=DEFAULT_SEED)
+    else:
+        defaults = dict(data_dir=run["data_dir"], seq_len=run["seq_len"], batch_size=run["per_rank_batch_size"],
+                        seed=run["seed"])
+    given = dict(seq_len=seq_len, batch_size=batch_size, seed=seed)
+    return {**defaults, **{key: value for key, value in given.items() if value is not None}}
 
 
 def load_data_tokenizer(data_dir: str | Path, path: str | Path | None = None) -> Any | None:
@@ -84,9 +126,7 @@ def format_manifest(manifest: dict[str, Any]) -> str:
         epochs = "-" if e.get("epochs") is None else f"{e['epochs']:.2f}"
         rows.append([e["name"], f"{train['documents']:,}", f"{val['documents']:,}", f"{train['tokens']:,}",
                      f"{val['tokens']:,}", f"{train['bytes'] / train['tokens']:.2f}", f"{e['weight']:.4f}", epochs])
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    out = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(columns, widths)))]
-    out += ["  ".join(v.ljust(w) if i == 0 else v.rjust(w) for i, (v, w) in enumerate(zip(r, widths))) for r in rows]
+    out = format_columns(columns, rows)
     totals = manifest["totals"]
     out.append(f"{totals['train']['tokens']:,} training and {totals['val']['tokens']:,} validation tokens "
                f"({manifest['dtype']}, documents as {manifest['document_format']}); tokenizer "
@@ -98,4 +138,5 @@ def format_manifest(manifest: dict[str, Any]) -> str:
     return "\n".join(out)
 
 
-__all__ = ["load_data_tokenizer", "inspect_batch", "format_inspection", "format_manifest"]
+__all__ = ["RUN_RECORD", "run_record", "read_run_record", "loader_settings", "load_data_tokenizer", "inspect_batch",
+           "format_inspection", "format_manifest"]

@@ -49,7 +49,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from minillama.data.prepare import SPLITS, read_manifest
+from minillama.data.prepare import MANIFEST_NAME, SPLITS, manifest_shards, read_manifest
 from minillama.errors import MinillamaError
 from minillama.model import IGNORE_INDEX  # padded targets carry no loss
 
@@ -93,7 +93,7 @@ class MixtureSchedule:
 
     MODULUS = 1 << 64
 
-    def __init__(self, weights: list[float], seed: int):
+    def __init__(self, weights: list[float], seed: int) -> None:
         total = sum(weights)
         cumulative, bounds = 0.0, [0]
         for w in weights[:-1]:
@@ -147,7 +147,7 @@ def permute(index: int, n: int, key: int) -> int:
 class _TokenStream:
     """The shards of one source and split as one array of tokens (memory-mapped, read on demand)."""
 
-    def __init__(self, data_dir: Path, shards: list[dict[str, Any]], dtype: np.dtype):
+    def __init__(self, data_dir: Path, shards: list[dict[str, Any]], dtype: np.dtype) -> None:
         self.arrays = [np.memmap(data_dir / s["file"], dtype=dtype, mode="r") if s["tokens"] else
                        np.zeros(0, dtype) for s in shards]
         self.starts = [0]
@@ -178,21 +178,19 @@ def verify_shards(data_dir: str | Path, manifest: dict[str, Any] | None = None, 
     data_dir = Path(data_dir)
     manifest = read_manifest(data_dir) if manifest is None else manifest
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for entry in manifest["sources"]:
-        for split in SPLITS:
-            for shard in entry[split]["shards"]:
-                path = data_dir / shard["file"]
-                if not path.is_file():
-                    raise MinillamaError(f"shard {path} is missing (listed in {data_dir / 'manifest.json'})")
-                if path.stat().st_size != shard["tokens"] * itemsize:
-                    raise MinillamaError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
-                                         f"{shard['tokens'] * itemsize}; prepare the data again")
-                if checksums:
-                    with open(path, "rb") as f:
-                        digest = hashlib.file_digest(f, "sha256").hexdigest()
-                    if digest != shard["sha256"]:
-                        raise MinillamaError(f"shard {path}: sha256 {digest} does not match the manifest's "
-                                             f"{shard['sha256']}; the file changed after it was prepared")
+    for shard in manifest_shards(manifest):
+        path = data_dir / shard["file"]
+        if not path.is_file():
+            raise MinillamaError(f"shard {path} is missing (listed in {data_dir / MANIFEST_NAME})")
+        if path.stat().st_size != shard["tokens"] * itemsize:
+            raise MinillamaError(f"shard {path} has {path.stat().st_size} bytes, the manifest says "
+                                 f"{shard['tokens'] * itemsize}; prepare the data again")
+        if checksums:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+            if digest != shard["sha256"]:
+                raise MinillamaError(f"shard {path}: sha256 {digest} does not match the manifest's "
+                                     f"{shard['sha256']}; the file changed after it was prepared")
 
 
 class MixtureLoader:
@@ -207,7 +205,7 @@ class MixtureLoader:
 
     def __init__(self, data_dir: str | Path, seq_len: int, batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, split: str = "train", tokenizer_fingerprint: str | None = None,
-                 verify: bool = True, weights: dict[str, float] | None = None):
+                 verify: bool = True, weights: dict[str, float] | None = None) -> None:
         for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("world_size", world_size)):
             if not isinstance(value, int) or value <= 0:
                 raise MinillamaError(f"{name} must be a positive integer, got {value!r}")

@@ -16,7 +16,8 @@ zero bytes of text, which matters for bits per byte (see loader.py).
 Tokenization runs in a process pool over units of ~MBs of documents; each worker gets the tokenizer once (fork
 inherits it; spawn platforms unpickle it) and uses `encode_batch` when the tokenizer has it. Results
 come back in order (`imap`), so the shards are identical whatever the number of workers. Everything is written to
-a temporary directory, fsynced and renamed over the output, so an interrupted run leaves the previous data intact.
+a temporary directory, fsynced and renamed over the output (`minillama.files.atomic_directory`), so an
+interrupted run leaves the previous data intact.
 
 Re-running with the same sources (names, file sizes and mtimes), split settings and tokenizer fingerprint is a
 cache hit and reads nothing; weights, epochs and train_tokens only change the manifest's mixture figures, which
@@ -30,7 +31,6 @@ import hashlib
 import json
 import multiprocessing
 import os
-import shutil
 import sys
 import warnings
 from collections.abc import Iterator
@@ -52,6 +52,7 @@ from minillama.data.sources import (
     resolve_source,
 )
 from minillama.errors import MinillamaError
+from minillama.files import atomic_directory, atomic_write_json, read_json
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
@@ -180,7 +181,7 @@ class _ShardWriter:
     """Appends tokens to <prefix>.00000.bin, .00001.bin, ... of at most `shard_tokens` each, hashing as it goes
     (no second read for the sha256) and fsyncing each shard when it is complete."""
 
-    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int):
+    def __init__(self, directory: Path, prefix: str, dtype: np.dtype, shard_tokens: int) -> None:
         self.directory, self.prefix, self.dtype, self.shard_tokens = directory, prefix, dtype, shard_tokens
         self.shards: list[dict[str, Any]] = []
         self._file = None
@@ -336,26 +337,18 @@ def _cache_key(cfg: DataConfig, files: list[list[Any]], tokenizer: Any, shard_to
 
 def read_manifest(data_dir: str | Path) -> dict[str, Any]:
     path = Path(data_dir) / MANIFEST_NAME
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise MinillamaError(f"{data_dir} is not a prepared data directory: {path} not found") from None
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: invalid JSON ({exc})") from None
-    if manifest.get("format") != "minillama-data" or manifest.get("version") != FORMAT_VERSION:
+    manifest = read_json(path, missing=f"{data_dir} is not a prepared data directory: {path} not found")
+    if (not isinstance(manifest, dict) or manifest.get("format") != "minillama-data"
+            or manifest.get("version") != FORMAT_VERSION):
         raise MinillamaError(f"{path}: not a minillama data manifest of version {FORMAT_VERSION}")
     return manifest
 
 
-def _write_json_atomic(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def manifest_shards(manifest: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Every shard a manifest lists ({"file", "tokens", "sha256"}), source by source, train before val."""
+    for entry in manifest["sources"]:
+        for split in SPLITS:
+            yield from entry[split]["shards"]
 
 
 def _cache_hit(out_dir: Path, key: str) -> dict[str, Any] | None:
@@ -368,12 +361,10 @@ def _cache_hit(out_dir: Path, key: str) -> dict[str, Any] | None:
     if manifest.get("cache_key") != key:
         return None
     itemsize = np.dtype(manifest["dtype"]).itemsize
-    for entry in manifest["sources"]:
-        for split in SPLITS:
-            for shard in entry[split]["shards"]:
-                path = out_dir / shard["file"]
-                if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
-                    return None
+    for shard in manifest_shards(manifest):
+        path = out_dir / shard["file"]
+        if not path.is_file() or path.stat().st_size != shard["tokens"] * itemsize:
+            return None
     return manifest
 
 
@@ -382,16 +373,6 @@ def _check_out_dir(out_dir: Path) -> None:
         raise MinillamaError(f"output {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / MANIFEST_NAME).is_file():
         raise MinillamaError(f"refusing to overwrite {out_dir}: it is not empty and holds no {MANIFEST_NAME}")
-
-
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Swap the finished temporary directory in. Between the two renames the old data sits at .old-PID."""
-    old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-    if out_dir.exists():
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _worker_count(workers: int | None, n_tasks: int) -> int:
@@ -435,7 +416,7 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, out_dir: str | Path, workers: 
         notes = apply_mixture(cached, cfg.sources, train_tokens)
         cached["config"] = cfg.to_dict()
         if json.dumps(cached, sort_keys=True) != before:
-            _write_json_atomic(out_dir / MANIFEST_NAME, cached)
+            atomic_write_json(out_dir / MANIFEST_NAME, cached, indent=1)
         for note in notes:
             warnings.warn(note, DataWarning, stacklevel=2)
         return {**cached, "cache_hit": True}
@@ -454,19 +435,12 @@ def prepare_data(cfg: DataConfig, tokenizer: Any, out_dir: str | Path, workers: 
              for task in _tasks(units, val_docs, cfg.val_fraction if mode == "tail" else 0.0, target)]
     n_workers = _worker_count(workers, len(tasks))
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with atomic_directory(out_dir) as tmp:
         tokenizer_dir = _save_tokenizer(tokenizer, tmp / TOKENIZER_DIRNAME)
         stats = _run_tasks(tasks, plans, tokenizer, tmp, dtype, shard_tokens, n_workers, total_bytes, progress)
         manifest = _build_manifest(cfg, plans, stats, tokenizer, dtype, key, tokenizer_dir)
         notes = apply_mixture(manifest, cfg.sources, train_tokens)
-        _write_json_atomic(tmp / MANIFEST_NAME, manifest)
-        _replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        atomic_write_json(tmp / MANIFEST_NAME, manifest, indent=1)
     for note in notes:
         warnings.warn(note, DataWarning, stacklevel=2)
     return {**manifest, "cache_hit": False}

@@ -12,7 +12,9 @@ from minillama.plan.flops import flops_6nd, flops_per_token
 from minillama.plan.hardware import GPUS, KNOWN_HARDWARE, device_peak_flops, get_hardware, peak_flops
 from minillama.plan.memory import activation_bytes_per_sequence, kv_cache_bytes_per_token, training_memory
 from minillama.plan.planner import PlanOptions, format_explain, format_plan, make_plan, plan_json
+from minillama.plan.presets import format_preset_table, preset_table
 
 __all__ = ["flops_6nd", "flops_per_token", "GPUS", "KNOWN_HARDWARE", "device_peak_flops", "get_hardware",
            "peak_flops", "activation_bytes_per_sequence", "kv_cache_bytes_per_token", "training_memory",
-           "PlanOptions", "make_plan", "format_plan", "format_explain", "plan_json"]
+           "PlanOptions", "make_plan", "format_plan", "format_explain", "plan_json", "preset_table",
+           "format_preset_table"]

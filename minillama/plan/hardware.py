@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from minillama.errors import MinillamaError
+from minillama.files import atomic_write_json, cache_dir
 
 GiB = 2**30
 
@@ -130,12 +131,8 @@ def detect_hardware(device: object = None) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # The CPU: measured, not looked up.
 # --------------------------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "minillama"
-
-
-def _cpu_model_name() -> str:
+def cpu_model_name() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), else what `platform` knows."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -183,7 +180,7 @@ def measured_cpu(refresh: bool = False) -> Hardware:
     once (about a second) and is cached per CPU model, thread count and torch version. TDP is unknown (None)."""
     import torch
 
-    key = f"{_cpu_model_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
+    key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
     path = cache_dir() / "cpu_peak.json"
     cached: dict = {}
     if path.exists():
@@ -197,12 +194,12 @@ def measured_cpu(refresh: bool = False) -> Hardware:
                            bandwidth_bytes_per_s=_measure_copy_bandwidth())
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text(json.dumps(cached, indent=2))
+            atomic_write_json(path, cached)  # two processes probing at once must not leave half a file
         except OSError:
             pass  # a read-only home still gets a (re-measured) answer
     probe = cached[key]
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
-    return Hardware("cpu", f"{_cpu_model_name()} ({torch.get_num_threads()} threads, measured)",
+    return Hardware("cpu", f"{cpu_model_name()} ({torch.get_num_threads()} threads, measured)",
                     probe["peak_flops_bf16"], probe["peak_flops_fp32"], memory, probe["bandwidth_bytes_per_s"],
                     None, f"matmul probe cached in {path}")
 
@@ -225,5 +222,4 @@ def device_peak_flops(device: object, dtype: str = "bf16") -> float | None:
 
 
 __all__ = ["Hardware", "GPUS", "KNOWN_HARDWARE", "get_hardware", "peak_flops", "detect_hardware", "device_peak_flops",
-           "measured_cpu",
-           "cache_dir", "hardware_dict"]
+           "measured_cpu", "cpu_model_name", "hardware_dict"]

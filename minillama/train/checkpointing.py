@@ -13,11 +13,15 @@ import json
 import random
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from minillama.errors import MinillamaError
+
+if TYPE_CHECKING:
+    from minillama.tokenizer import Tokenizer
+    from minillama.train.config import RunConfig
 
 STATE_FILE = "training_state.pt"
 RUN_FILE = "run.json"
@@ -35,10 +39,12 @@ def latest_checkpoint(out_dir: Path) -> Path | None:
     return dirs[-1] if dirs else None
 
 
-def save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, optimizer, run, *, bad_in_a_row: int,
+def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, tokenizer: Tokenizer | None,
+                             optimizer: torch.optim.Optimizer, run: RunConfig, *, bad_in_a_row: int,
                              bad_total: int, keep_last: int, max_steps: int, length_decided: bool = True) -> Path:
     """Write step-NNNNNNN atomically, then delete all but the newest `keep_last` checkpoints."""
-    from minillama.checkpoint import atomic_directory, save_model_files
+    from minillama.checkpoint import save_model_files
+    from minillama.files import atomic_directory
 
     out_dir = Path(out_dir)
     final = out_dir / f"{PREFIX}{step:07d}"
@@ -63,7 +69,7 @@ def save_training_checkpoint(out_dir: Path, step: int, model, tokenizer, optimiz
     return final
 
 
-def load_training_state(directory: Path, run) -> dict[str, Any]:
+def load_training_state(directory: Path, run: RunConfig) -> dict[str, Any]:
     """Read a checkpoint's training state and check it belongs to a run with the same model."""
     run_file = directory / RUN_FILE
     try:
@@ -85,7 +91,7 @@ def load_training_state(directory: Path, run) -> dict[str, Any]:
     return state
 
 
-def restore(state: dict[str, Any], model, optimizer) -> None:
+def restore(state: dict[str, Any], model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load weights, optimizer state and RNG states into a freshly built model and optimizer."""
     from minillama.checkpoint import load_state
 

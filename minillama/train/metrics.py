@@ -17,7 +17,7 @@ class MetricsLog:
     On resume the lines after the checkpoint's step are dropped first, so the file reads as one run.
     """
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True):
+    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
         self.path = out_dir / "metrics.jsonl"
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
@@ -52,7 +52,7 @@ class MetricsLog:
 class Throughput:
     """Tokens per second and MFU over the wall-clock interval since the last call."""
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None):
+    def __init__(self, flops_per_token: float, peak_flops: float | None) -> None:
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
         self.reset()

@@ -6,22 +6,19 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
+from minillama.files import atomic_directory, atomic_write_json, cache_dir
+
+if TYPE_CHECKING:
+    from minillama.tokenizer import Tokenizer
+    from minillama.train.config import RunConfig
 
 
-def cache_dir() -> Path:
-    """~/.cache/minillama, or $MINILLAMA_CACHE, or $XDG_CACHE_HOME/minillama."""
-    if os.environ.get("MINILLAMA_CACHE"):
-        return Path(os.environ["MINILLAMA_CACHE"])
-    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return base / "minillama"
-
-
-def _sources_key(run) -> str:
+def _sources_key(run: RunConfig) -> str:
     """A content key for the run's training text: the sources' config, every input file's size and mtime, and
     the validation split held out of it."""
     from minillama.data.sources import resolve_source
@@ -31,7 +28,7 @@ def _sources_key(run) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def resolve_tokenizer(run, show_progress: bool = True):
+def resolve_tokenizer(run: RunConfig, show_progress: bool = True) -> Tokenizer:
     """The run's tokenizer: `tokenizer.path` if given, else a BPE trained on the training split of the run's
     sources (cached)."""
     from minillama.data import training_texts
@@ -45,11 +42,12 @@ def resolve_tokenizer(run, show_progress: bool = True):
     if (target / "tokenizer.json").exists():
         return load_tokenizer(target)
     tokenizer = train_bpe_from_texts(training_texts(run.data), vocab_size, show_progress=show_progress)
-    tokenizer.save(target)
+    with atomic_directory(target) as tmp:  # a crash mid-save must not leave a cache entry that fails to load
+        tokenizer.save(tmp)
     return load_tokenizer(target)
 
 
-def prepare_run_data(run, tokenizer, show_progress: bool = True) -> Path:
+def prepare_run_data(run: RunConfig, tokenizer: Tokenizer, show_progress: bool = True) -> Path:
     """Tokenized shards of the run's sources, in the cache, keyed by sources and tokenizer."""
     from minillama.data import prepare_data
 
@@ -59,7 +57,7 @@ def prepare_run_data(run, tokenizer, show_progress: bool = True) -> Path:
     return out
 
 
-def model_config_for(model: ModelConfig, tokenizer) -> ModelConfig:
+def model_config_for(model: ModelConfig, tokenizer: Tokenizer) -> ModelConfig:
     """The model config with the tokenizer's BOS/EOS ids; its vocabulary must hold every token id."""
     if tokenizer.vocab_size > model.vocab_size:
         raise MinillamaError(f"model.vocab_size={model.vocab_size} is smaller than the tokenizer's vocabulary of "
@@ -67,7 +65,7 @@ def model_config_for(model: ModelConfig, tokenizer) -> ModelConfig:
     return dataclasses.replace(model, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
 
 
-def prepare_run(run, out_dir: Path, show_progress: bool = True):
+def prepare_run(run: RunConfig, out_dir: Path, show_progress: bool = True) -> tuple[Tokenizer, Path, ModelConfig]:
     """(tokenizer, prepared data directory, model config) for a run."""
     tokenizer = resolve_tokenizer(run, show_progress)
     model_cfg = model_config_for(run.model, tokenizer)
@@ -75,24 +73,11 @@ def prepare_run(run, out_dir: Path, show_progress: bool = True):
     return tokenizer, data_dir, model_cfg
 
 
-RUN_RECORD = "run.json"
+def write_run_record(out_dir: Path, run: RunConfig, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
+    """OUT/run.json (`minillama.data.inspect.run_record`): the resolved config and where its data lives, so
+    `minillama data inspect OUT --step N` can show exactly what the run was fed."""
+    from minillama.data.inspect import RUN_RECORD, run_record
 
-
-def write_run_record(out_dir: Path, run, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
-    """OUT/run.json: the resolved config and where its data lives, so `minillama data inspect OUT --step N`
-    can show exactly what the run was fed."""
-    record = dict(config=run.to_dict(), data_dir=str(data_dir), seq_len=run.train.seq_len, seed=run.train.seed,
-                  per_rank_batch_size=per_rank_batch_size, world_size=world_size)
-    tmp = out_dir / f".{RUN_RECORD}.tmp"
-    tmp.write_text(json.dumps(record, indent=2))
-    os.replace(tmp, out_dir / RUN_RECORD)
-
-
-def read_run_record(directory: str | Path) -> dict | None:
-    path = Path(directory) / RUN_RECORD
-    if not path.is_file() or (Path(directory) / "manifest.json").exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise MinillamaError(f"{path}: not valid JSON ({exc})") from None
+    record = run_record(run.to_dict(), data_dir, seq_len=run.train.seq_len, seed=run.train.seed,
+                        per_rank_batch_size=per_rank_batch_size, world_size=world_size)
+    atomic_write_json(Path(out_dir) / RUN_RECORD, record)
