@@ -164,14 +164,27 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_train)
 
-    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint")
+    p = sub.add_parser("eval", help="loss, perplexity and bits per byte of a checkpoint (--data), or its accuracy "
+                                     "on a multiple-choice task (--task)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
-    p.add_argument("--data", required=True, help="a text file, or a prepared data directory (its validation split)")
+    p.add_argument("--data", help="a text file, or a prepared data directory (its validation split)")
+    p.add_argument("--task", metavar="FILE.jsonl", help="a multiple-choice task file (docs/evaluation.md), or the "
+                                                        "name of a shipped one (arithmetic, python_expressions, ...)")
     p.add_argument("--seq-len", type=int, help="context per window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--shots", type=int, default=0, help="--task: solved examples before each item (default 0)")
+    p.add_argument("--limit", type=int, help="--task: score only the first N items")
+    p.add_argument("--seed", type=int, default=1234, help="--task: seed of the shots' draw (default 1234, lm-eval's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
     p.set_defaults(handler=run_eval)
+
+    # lm_eval's own argument parser reads everything after `lm-eval`; prefix_chars that no argument starts with
+    # keep this parser from taking --model and the rest as its own options.
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness's CLI with --model minillama available "
+                                       "(needs the eval extra)", add_help=False, prefix_chars="\0")
+    p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
+    p.set_defaults(handler=run_lm_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
@@ -210,6 +223,11 @@ def run_train(args: argparse.Namespace) -> None:
 def run_eval(args: argparse.Namespace) -> None:
     from minillama.eval import evaluate_path
 
+    if (args.data is None) == (args.task is None):
+        raise MinillamaError("eval needs one of --data PATH (bits per byte) or --task FILE.jsonl (accuracy)")
+    if args.task is not None:
+        run_eval_task(args)
+        return
     result = evaluate_path(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
                            dtype=args.dtype)
     if args.json:
@@ -217,6 +235,29 @@ def run_eval(args: argparse.Namespace) -> None:
     else:
         print(f"loss {result.loss:.4f} nats/token  perplexity {result.perplexity:.2f}  "
               f"{result.bits_per_byte:.4f} bits/byte  ({result.tokens:,} tokens, {result.bytes:,} bytes)")
+
+
+def run_eval_task(args: argparse.Namespace) -> None:
+    from minillama.tasks import evaluate_task_path
+
+    result = evaluate_task_path(args.checkpoint, args.task, shots=args.shots, seed=args.seed, limit=args.limit,
+                                batch_size=args.batch_size, max_len=args.seq_len, dtype=args.dtype)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return
+    spread = lambda e: "" if e is None else f" ± {e:.4f}"
+    print(f"{result.task}: acc {result.acc:.4f}{spread(result.acc_stderr)}  acc_norm {result.acc_norm:.4f}"
+          f"{spread(result.acc_norm_stderr)}  chance {result.chance:.4f}  ({result.items} items, {result.shots}-shot)")
+
+
+def run_lm_eval(args: argparse.Namespace) -> None:
+    try:
+        from minillama.interop.lm_eval import run_cli
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").partition(".")[0] != "lm_eval":
+            raise
+        raise MinillamaError("lm-eval is not installed: pip install 'minillama[eval]'") from None
+    run_cli(args.lm_eval_args)
 
 
 def run_generate(args: argparse.Namespace) -> None:
