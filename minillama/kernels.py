@@ -17,7 +17,7 @@ import torch
 # Blocked attention on CPU up to this many positions; beyond it the saved (B, H, T, T) probabilities grow too
 # large and the flash kernel's O(T) memory wins.
 MAX_BLOCKED_ATTENTION_LEN = 1024
-QUERY_BLOCK = 64  # query rows per block: at T = 256, 64 beat 32 and 128 in the fast path's development runs
+QUERY_BLOCK = 64  # query rows per block: at T = 256, 64 beat 32 and 128 when this kernel was developed
 
 ATTENTION_KERNELS = ("auto", "sdpa", "blocked")
 

@@ -49,7 +49,8 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000
     # > 0: fit the run to this many seconds of wall clock (from the start of `train`, data preparation
-    # included); the step count is decided during warmup from measured step times, max_steps is the upper bound.
+    # included); the step count is estimated from measured step times from early in warmup on and re-estimated
+    # after every step (train/trainer.py, TimeBudget); max_steps is the upper bound.
     time_budget_s: float = 0.0
     seq_len: int = 256
     # The batch in tokens per optimizer step (LLaMA: 4M). It becomes batch_tokens / seq_len sequences, split
