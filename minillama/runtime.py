@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import platform
+import sys
 
 import torch
 
@@ -44,4 +46,27 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-__all__ = ["resolve_device", "autocast_context", "retain_freed_memory"]
+def warn(message: str) -> None:
+    """One line on stderr, in the CLI's style: something the user should know that does not stop the run."""
+    print(f"minillama: warning: {message}", file=sys.stderr, flush=True)
+
+
+@functools.cache
+def compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run on this machine for `device_type`, in one line; None when it can.
+
+    Compiling needs more than PyTorch: on CPU, inductor writes C++ and builds it with the compiler named by $CXX
+    (g++ by default); on CUDA, Triton. A tiny function is compiled and run once per process (about a second, less
+    with inductor's cache warm) so that a missing piece is found before a run starts instead of in its first step."""
+    try:
+        probe = torch.compile(lambda x: x * 2.0 + 1.0)
+        probe(torch.ones(8, device=device_type))
+    except Exception as exc:  # inductor wraps what failed (no compiler, no Triton, a bad flag) in its own errors
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+        cause = next((line for line in lines if "compiler" in line.lower() or "triton" in line.lower()),
+                     lines[0] if lines else type(exc).__name__)
+        return f"{type(exc).__name__}: {cause}"[:300]
+    return None
+
+
+__all__ = ["resolve_device", "autocast_context", "retain_freed_memory", "warn", "compile_problem"]

@@ -371,3 +371,19 @@ def test_time_budget_estimates_the_length_from_steady_steps_and_follows_a_slowdo
     assert 30 + 38 <= estimate <= 30 + 43  # ~85 s left at 2 s a step, less the final evaluation
     assert TimeBudget(100.0, time.perf_counter() - 200.0, 10_000, 20, 10**6, 5).observe(10, 1.0) == 10  # time is up
     assert TimeBudget(100.0, started, 50, 20, 10**6, 5).observe(10, 1.0) == 50  # capped by max_steps
+
+
+def test_without_a_cpp_compiler_training_falls_back_to_eager_with_one_warning(tmp_path, corpus, env):
+    """The default recipe compiles. On a machine without a working C++ compiler (here: $CXX names none, and
+    inductor's cache is empty so nothing compiled earlier is reused) the run must still train, uncompiled, after
+    one warning line that names what is missing."""
+    config = write_config(tmp_path, corpus, max_steps=3, save_every=3)
+    no_compiler = dict(env, CXX=str(tmp_path / "no-such-g++"), TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    args = [sys.executable, "-m", "minillama.cli", "train", "--config", str(config), "--out", str(tmp_path / "out"),
+            "--no-progress", "--set", "train.compile=true"]
+    proc = subprocess.run(args, env=no_compiler, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warnings = [line for line in proc.stderr.splitlines() if line.startswith("minillama: warning:")]
+    assert len(warnings) == 1 and "compiler" in warnings[0] and "no-such-g++" in warnings[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert sorted(read_losses(tmp_path / "out")) == [1, 2, 3]

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from minillama.errors import MinillamaError
+from minillama.runtime import compile_problem, warn
 
 
 @dataclass
@@ -101,7 +102,13 @@ def parallelize(model: nn.Module, dist: DistributedContext, compile: bool = Fals
     if activation_checkpointing == "full":
         apply_activation_checkpointing(model)
     if compile:
-        apply_compile(model)
+        device_type = next(model.parameters()).device.type
+        problem = compile_problem(device_type)
+        if problem is None:
+            apply_compile(model)
+        else:  # a first run must work without a compiler: slower, not dead
+            warn(f"torch.compile cannot run here, training without it (train.compile = false): {problem}. "
+                 "Install a C++ compiler (g++, or set $CXX) to compile on CPU.")
     if dist.world_size == 1:
         return model
     from torch.nn.parallel import DistributedDataParallel
