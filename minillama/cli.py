@@ -161,6 +161,9 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, help="seed for init and data order (train.seed)")
     p.add_argument("--out", default="runs/default", help="output directory (default: runs/default)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--allow-change", dest="allow_changes", action="append", default=[], metavar="KEY",
+                   help="with --resume: accept this config key (or table, e.g. optim) differing from the "
+                        "checkpoint's; recorded in OUT/run.json (repeatable)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run_train)
 
@@ -206,7 +209,10 @@ def run_train(args: argparse.Namespace) -> None:
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
     run = load_run_config(args.config, overrides, data_paths=args.data)
-    result = train(run, args.out, resume=args.resume, show_progress=not args.no_progress)
+    if args.allow_changes and not args.resume:
+        raise MinillamaError("--allow-change is for --resume: a new run has no checkpoint to differ from")
+    result = train(run, args.out, resume=args.resume, show_progress=not args.no_progress,
+                   allow_changes=tuple(args.allow_changes))
     summary = f"step {result.step}: train loss {result.last_loss:.4f}" if result.last_loss is not None else \
         f"step {result.step}"
     if result.val_loss is not None:

@@ -387,3 +387,69 @@ def test_without_a_cpp_compiler_training_falls_back_to_eager_with_one_warning(tm
     assert len(warnings) == 1 and "compiler" in warnings[0] and "no-such-g++" in warnings[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     assert sorted(read_losses(tmp_path / "out")) == [1, 2, 3]
+
+
+def test_resume_refuses_a_changed_config_naming_each_key(tmp_path, corpus, env, capsys):
+    """A changed data mixture, seed, sequence length or tokens per step silently breaks exact resume: refused,
+    naming each changed key with its old and new value, unless --allow-change names it; what was allowed is
+    recorded in run.json. Settings that only decide logging and saving may change freely."""
+    config = write_config(tmp_path, corpus, max_steps=3, save_every=3)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    base = ["train", "--config", str(config), "--out", str(out), "--no-progress", "--resume"]
+    for setting, key, old, new in [("train.seed=7", "train.seed", "1337", "7"),
+                                   ("train.seq_len=16", "train.seq_len", "32", "16"),
+                                   ("train.batch_tokens=512", "train.batch_tokens", "256", "512"),
+                                   ("data.sources[0].weight=2.0", "data.sources[0].weight", "1.0", "2.0")]:
+        override = ["--data", str(corpus), str(corpus)] if key.startswith("data") else ["--set", setting]
+        err = _error(capsys, base + override)
+        if key.startswith("data"):  # two sources where there was one
+            assert "data.sources[1].path None ->" in err, err
+        else:
+            assert f"{key} {old} -> {new}" in err and f"--allow-change {key}" in err, err
+    err = _error(capsys, base + ["--set", "optim.lr=1e-3", "--set", "train.max_steps=5"])
+    assert "optim.lr 0.003 -> 0.001" in err and "train.max_steps 3 -> 5" in err, err
+    assert main(base + ["--set", "optim.lr=1e-3", "--set", "train.max_steps=5", "--set", "train.log_every=2",
+                        "--allow-change", "optim.lr", "--allow-change", "train.max_steps"]) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["changes_on_resume"] == [dict(step=3, changes={"optim.lr": [0.003, 0.001],
+                                                                  "train.max_steps": [3, 5]})]
+    assert max(read_losses(out)) == 5
+    assert "--allow-change is for --resume" in _error(capsys, base[:-1] + ["--allow-change", "optim.lr"])
+
+
+def test_time_budget_in_a_real_run_stops_within_it_and_a_resumed_run_ends_where_it_was_decided(tmp_path, corpus,
+                                                                                                 env):
+    """train.time_budget_s on a tiny real run: train() (data preparation, evaluations and the last checkpoint
+    included) ends within the budget; a run stopped by SIGTERM once its length is decided and then resumed ends at the step decided
+    before the stop, as the uninterrupted run would have."""
+    config = write_config(tmp_path, corpus, max_steps=100000, save_every=100000)
+    budget = 25
+    args = ["--set", f"train.time_budget_s={budget}", "--set", "optim.warmup_steps=20", "--set", "train.eval_every=50"]
+    from minillama.train import train
+
+    run = load_run_config(config, [a for a in args if a != "--set"])
+    start = time.perf_counter()
+    result = train(run, tmp_path / "whole", show_progress=False)
+    elapsed = time.perf_counter() - start
+    assert elapsed <= budget, elapsed  # data preparation, training, evaluations and the last checkpoint
+    assert result.step > 20  # the budget was used for training, not given up early
+
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "minillama.cli", "train", "--config", str(config), "--out",
+                             str(out), "--no-progress"] + args, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or max(read_losses(out), default=0) < 15):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
+    (saved,) = out.glob("step-*")
+    state = torch.load(saved / "training_state.pt", weights_only=True)
+    assert state["length_decided"] and state["step"] < state["max_steps"]
+    resumed = subprocess.run([sys.executable, "-m", "minillama.cli", "train", "--config", str(config), "--out",
+                              str(out), "--no-progress", "--resume"] + args, env=env, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert max(read_losses(out)) == state["max_steps"]

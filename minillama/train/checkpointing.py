@@ -69,25 +69,69 @@ def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, t
     return final
 
 
-def load_training_state(directory: Path, run: RunConfig) -> dict[str, Any]:
-    """Read a checkpoint's training state and check it belongs to a run with the same model."""
+# What a resumed run may change freely: these decide what is logged, evaluated and saved, not what is trained.
+# Anything else that differs from the checkpoint's run (the data mixture, the seed, the sequence length, the
+# tokens per step, the optimizer, the schedule's length, ...) would silently break exact resume, so it is refused
+# unless named with --allow-change.
+FREE_ON_RESUME = ("train.log_every", "train.eval_every", "train.eval_tokens", "train.save_every", "train.keep_last",
+                  "train.max_bad_steps", "train.sample_prompt", "train.sample_tokens")
+
+
+def flatten(table: Any, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"seed": 1}, "data": {"sources": [{"path": "a"}]}} -> {"train.seed": 1, "data.sources[0].path":
+    "a"}: every leaf under its full key, as `--set` and error messages name it."""
+    if isinstance(table, dict):
+        items = {}
+        for key, value in table.items():
+            items.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return items
+    if isinstance(table, list) and table and all(isinstance(v, dict) for v in table):
+        items = {}
+        for index, value in enumerate(table):
+            items.update(flatten(value, f"{prefix}[{index}]"))
+        return items
+    return {prefix: table}
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """Every full key whose value differs between two run configs (as `RunConfig.to_dict()`), as (saved, now);
+    a key present on one side only reads as None on the other."""
+    before, after = flatten(saved), flatten(current)
+    return {key: (before.get(key), after.get(key)) for key in sorted(set(before) | set(after))
+            if before.get(key) != after.get(key)}
+
+
+def _allowed(key: str, allowed: tuple[str, ...]) -> bool:
+    return any(key == a or key.startswith((a + ".", a + "[")) for a in allowed)
+
+
+def load_training_state(directory: Path, run: RunConfig, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Read a checkpoint's training state and check it belongs to this run: the same model always, and the same
+    everything else that decides what is trained unless `allow_changes` names it (a key or a table, e.g.
+    "optim.lr" or "data"). The allowed changes come back as state["changes"] {key: (old, new)}."""
     run_file = directory / RUN_FILE
     try:
         saved_run = json.loads(run_file.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise MinillamaError(f"--resume: cannot read {run_file}: {exc}") from None
-    ours = run.to_dict()["model"]
-    theirs = saved_run.get("model", {})
-    differing = sorted(k for k in set(ours) | set(theirs) if ours.get(k) != theirs.get(k))
-    if differing:
-        key = differing[0]
-        raise MinillamaError(f"--resume: checkpoint {directory} is of another model config: model.{key} is "
-                             f"{theirs.get(key)!r} there and {ours.get(key)!r} here")
+    changes = config_changes(saved_run, run.to_dict())
+    model_changes = [key for key in changes if key.startswith("model.")]
+    if model_changes:
+        key = model_changes[0]
+        raise MinillamaError(f"--resume: checkpoint {directory} is of another model config: {key} is "
+                             f"{changes[key][0]!r} there and {changes[key][1]!r} here")
+    refused = {k: v for k, v in changes.items() if k not in FREE_ON_RESUME and not _allowed(k, allow_changes)}
+    if refused:
+        listed = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in refused.items())
+        flags = " ".join(f"--allow-change {key}" for key in refused)
+        raise MinillamaError(f"--resume: the run's config differs from checkpoint {directory.name}'s, which breaks "
+                             f"exact resume: {listed}. To continue with the change on purpose, add {flags}")
     try:
         state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as exc:  # a truncated or foreign file: say which
         raise MinillamaError(f"--resume: cannot read {directory / STATE_FILE}: {exc}") from None
     state["directory"] = directory
+    state["changes"] = {k: v for k, v in changes.items() if k not in FREE_ON_RESUME}
     return state
 
 

@@ -73,11 +73,18 @@ def prepare_run(run: RunConfig, out_dir: Path, show_progress: bool = True) -> tu
     return tokenizer, data_dir, model_cfg
 
 
-def write_run_record(out_dir: Path, run: RunConfig, data_dir: Path, per_rank_batch_size: int, world_size: int) -> None:
+def write_run_record(out_dir: Path, run: RunConfig, data_dir: Path, per_rank_batch_size: int, world_size: int,
+                     resumed_at: int | None = None, changes: dict[str, tuple] | None = None) -> None:
     """OUT/run.json (`minillama.data.inspect.run_record`): the resolved config and where its data lives, so
-    `minillama data inspect OUT --step N` can show exactly what the run was fed."""
-    from minillama.data.inspect import RUN_RECORD, run_record
+    `minillama data inspect OUT --step N` can show exactly what the run was fed. A resume that changed the config
+    on purpose (--allow-change) appends {step, changes: {key: [old, new]}} to `changes_on_resume`, which a fresh
+    run starts empty."""
+    from minillama.data.inspect import RUN_RECORD, read_run_record, run_record
 
+    history = (read_run_record(out_dir) or {}).get("changes_on_resume", []) if resumed_at is not None else []
+    if changes:
+        history.append(dict(step=resumed_at, changes={key: list(pair) for key, pair in changes.items()}))
     record = run_record(run.to_dict(), data_dir, seq_len=run.train.seq_len, seed=run.train.seed,
                         per_rank_batch_size=per_rank_batch_size, world_size=world_size)
+    record["changes_on_resume"] = history
     atomic_write_json(Path(out_dir) / RUN_RECORD, record)

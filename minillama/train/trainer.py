@@ -86,6 +86,9 @@ class TimeBudget:
 
     SKIP, FIRST_TIMED, WINDOW = 2, 8, 20  # steps not timed (compilation); timed steps before the first estimate;
     # the recent steps whose median is the step time
+    # What follows the last step besides the final evaluation: the last checkpoint (as long as the longest save so
+    # far), then metrics and loss.png (matplotlib's import alone took 0.65 s on a busy 2-core machine), plus 1%.
+    TAIL_S, TAIL_FRACTION = 1.0, 0.01
 
     def __init__(self, budget_s: float, started: float, max_steps: int, warmup_steps: int, eval_every: int,
                  eval_cost_steps: float):
@@ -93,6 +96,11 @@ class TimeBudget:
         self.decide_at = max(1, min(warmup_steps, self.SKIP + self.FIRST_TIMED))
         self.eval_every, self.eval_cost_steps = eval_every, eval_cost_steps
         self.step_seconds: deque[float] = deque(maxlen=self.WINDOW)
+        self.save_s = 0.0
+
+    def note_save(self, seconds: float) -> None:
+        """A checkpoint took `seconds`: the last one, after the final step, will take about as long."""
+        self.save_s = max(self.save_s, seconds)
 
     def observe(self, step: int, seconds: float) -> int | None:
         """Record the time of the step that ends at `step`; returns the run's total steps from `decide_at` on
@@ -103,8 +111,8 @@ class TimeBudget:
             return None
         ordered = sorted(self.step_seconds) or [seconds]
         step_s = ordered[len(ordered) // 2]
-        # What follows the last step besides the final evaluation (checkpoint, metrics, loss.png) gets 2%.
-        remaining_s = 0.98 * self.budget_s - (time.perf_counter() - self.started)
+        tail_s = self.TAIL_S + self.TAIL_FRACTION * self.budget_s + self.save_s
+        remaining_s = self.budget_s - tail_s - (time.perf_counter() - self.started)
         eval_s = self.eval_cost_steps * step_s
         more = int((remaining_s - eval_s) / (step_s + eval_s / self.eval_every))
         return max(step, min(self.max_steps, step + more))
@@ -202,8 +210,11 @@ def build_model(model_cfg: ModelConfig, tcfg, device: torch.device) -> Transform
     return model
 
 
-def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True) -> TrainResult:
-    """Train `run` into `out_dir` (checkpoints, metrics.jsonl, tensorboard/, loss.png)."""
+def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
+          allow_changes: tuple[str, ...] = ()) -> TrainResult:
+    """Train `run` into `out_dir` (checkpoints, metrics.jsonl, tensorboard/, loss.png). With `resume`, continue
+    from the newest checkpoint there; a config that differs from the checkpoint's in anything that decides what
+    is trained is refused unless `allow_changes` names the keys (recorded in OUT/run.json)."""
     from minillama.data import MixtureLoader
     from minillama.eval import evaluate_loss
     from minillama.plan.flops import flops_per_token
@@ -221,7 +232,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         latest = checkpointing.latest_checkpoint(out_dir)
         if latest is None:
             raise MinillamaError(f"--resume: no checkpoint in {out_dir} (looked for step-NNNNNNN directories)")
-        saved = checkpointing.load_training_state(latest, run)
+        saved = checkpointing.load_training_state(latest, run, allow_changes)
     out_dir.mkdir(parents=True, exist_ok=True)
 
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
@@ -235,7 +246,8 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         raise MinillamaError(f"train.micro_batch_size={micro} does not divide the {per_rank_batch} sequences "
                              "per rank and step")
     if dist.is_main:
-        write_run_record(out_dir, run, data_dir, per_rank_batch, dist.world_size)
+        write_run_record(out_dir, run, data_dir, per_rank_batch, dist.world_size,
+                         resumed_at=saved["step"] if saved else None, changes=saved["changes"] if saved else None)
     train_data = MixtureLoader(data_dir, seq_len=tcfg.seq_len, batch_size=per_rank_batch, seed=tcfg.seed,
                                rank=dist.rank, world_size=dist.world_size, split="train",
                                tokenizer_fingerprint=tokenizer.fingerprint)
@@ -328,7 +340,10 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
                 raise MinillamaError(f"stopping at step {step}: {state.bad_in_a_row} non-finite losses or gradients "
                                      f"in a row (last loss {loss}, grad norm {grad_norm}); lower optim.lr?")
             if dist.is_main and (step % tcfg.save_every == 0 or step == state.max_steps or stop.requested):
+                save_started = time.perf_counter()
                 state.saved = save()
+                if budget is not None:
+                    budget.note_save(time.perf_counter() - save_started)
             if stop.requested:
                 state.stopped_by_signal = True
                 break
