@@ -425,7 +425,7 @@ def test_time_budget_in_a_real_run_stops_within_it_and_a_resumed_run_ends_where_
     included) ends within the budget; a run stopped by SIGTERM once its length is decided and then resumed ends at the step decided
     before the stop, as the uninterrupted run would have."""
     config = write_config(tmp_path, corpus, max_steps=100000, save_every=100000)
-    budget = 25
+    budget = 30
     args = ["--set", f"train.time_budget_s={budget}", "--set", "optim.warmup_steps=20", "--set", "train.eval_every=50"]
     from minillama.train import train
 
@@ -434,14 +434,14 @@ def test_time_budget_in_a_real_run_stops_within_it_and_a_resumed_run_ends_where_
     result = train(run, tmp_path / "whole", show_progress=False)
     elapsed = time.perf_counter() - start
     assert elapsed <= budget, elapsed  # data preparation, training, evaluations and the last checkpoint
-    assert result.step > 20  # the budget was used for training, not given up early
+    assert elapsed >= 0.85 * budget and result.step > 10, (elapsed, result.step)  # and the budget was used
 
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-m", "minillama.cli", "train", "--config", str(config), "--out",
                              str(out), "--no-progress"] + args, env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
-    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or max(read_losses(out), default=0) < 15):
+    while time.time() < deadline and (not (out / "metrics.jsonl").exists() or max(read_losses(out), default=0) < 11):
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 0, proc.stderr.read().decode()
