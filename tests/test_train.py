@@ -422,8 +422,8 @@ def test_resume_refuses_a_changed_config_naming_each_key(tmp_path, corpus, env, 
 def test_time_budget_in_a_real_run_stops_within_it_and_a_resumed_run_ends_where_it_was_decided(tmp_path, corpus,
                                                                                                  env):
     """train.time_budget_s on a tiny real run: train() (data preparation, evaluations and the last checkpoint
-    included) ends within the budget; a run stopped by SIGTERM once its length is decided and then resumed ends at the step decided
-    before the stop, as the uninterrupted run would have."""
+    included) ends within the budget; a run stopped by SIGTERM once its length is decided and then resumed ends
+    at the step decided before the stop, as the uninterrupted run would have."""
     config = write_config(tmp_path, corpus, max_steps=100000, save_every=100000)
     budget = 30
     args = ["--set", f"train.time_budget_s={budget}", "--set", "optim.warmup_steps=20", "--set", "train.eval_every=50"]
