@@ -200,7 +200,7 @@ def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
                                                        "reason and timings")
     o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
-                   help="weights and KV cache (auto: bf16 on CUDA, fp32 on CPU)")
+                   help="weights and KV cache (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     o.add_argument("--max-batch", type=int, default=16, help="prompts decoded together at most (default 16)")
     o.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     p.set_defaults(handler=run_generate)

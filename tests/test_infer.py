@@ -480,7 +480,7 @@ def test_cli_json_batch_of_prompts(checkpoint, tmp_path, capsys, bpe):
     prompt_file = tmp_path / "prompts.txt"
     prompt_file.write_text("the end\n\nmore words\n", encoding="utf-8")
     assert main(["generate", "--checkpoint", str(checkpoint), "--prompt", "Hello", "--prompt-file",
-                 str(prompt_file), "--max-new-tokens", "8", "--temperature", "0", "--json"]) == 0
+                 str(prompt_file), "--max-new-tokens", "8", "--temperature", "0", "--json", "--dtype", "fp32"]) == 0
     records = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in records] == ["Hello", "the end", "more words"]
     keys = {"prompt", "text", "token_ids", "prompt_tokens", "completion_tokens", "finish_reason", "stop_reason",
@@ -511,3 +511,16 @@ def load_checkpoint(directory):
     from minillama.checkpoint import load
 
     return load(directory)
+
+
+@pytest.mark.slow
+def test_compiled_static_decode_equals_eager():
+    """compile=True (what runs on CUDA, as CUDA graphs there): torch.compile'd decode over a static cache, batch
+    sizes padded to buckets, gives the eager engine's tokens. Slow (compilation): `pytest -m slow`."""
+    model = small_model()
+    prompts = prompts_of([5, 23, 2])
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True, logprobs=2)
+    eager = Engine(model, max_batch=4).generate(prompts, params)
+    compiled = Engine(model, max_batch=4, compile=True).generate(prompts, params)
+    for got, expected in zip(compiled, eager):
+        assert_same(got, expected)

@@ -178,7 +178,7 @@ def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus, env, capsys
     result = json.loads(capsys.readouterr().out)
     assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
     assert main(["generate", "--checkpoint", str(latest), "--prompt", "ROMEO:", "--max-new-tokens", "10",
-                 "--temperature", "0", "--json"]) == 0
+                 "--temperature", "0", "--json", "--dtype", "fp32"]) == 0
     record = json.loads(capsys.readouterr().out)[0]
     model, tokenizer = load(latest)
     ids = tokenizer.encode("ROMEO:", bos=True)

@@ -48,9 +48,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def inference_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: bf16 on CUDA; fp32 on CPU (measured faster there at batch 1, benchmarks/decode.py)."""
+    """`auto`: bf16 on CUDA, and on CPUs with native bf16 matmuls (oneDNN's check: AVX512-BF16 or AMX), where
+    they beat fp32 (the weights are half the bytes, and batched bf16 matmuls run several times faster than fp32
+    ones at a few rows, benchmarks/decode.py); fp32 elsewhere."""
     if name == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        native = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
     if name not in DTYPES:
         raise MinillamaError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]

@@ -162,7 +162,9 @@ class SequenceSampler:
     def penalize(self, logits: torch.Tensor) -> torch.Tensor:
         """The row's logits (V,) with its penalties applied (a new tensor)."""
         p = self.params
-        seen, counts = self.seen.to(logits.device), self.counts.to(logits.device)
+        if self.seen.device != logits.device:  # kept beside the logits from the first step on
+            self.seen, self.counts = self.seen.to(logits.device), self.counts.to(logits.device)
+        seen, counts = self.seen, self.counts
         if p.repetition_penalty != 1:
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(seen, penalized, logits)
