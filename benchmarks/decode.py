@@ -52,9 +52,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from train_throughput import _busy_cpu_s, _device_name, _own_cpu_s  # noqa: E402  (the same probes)
 
-CPU_CONTESTANTS = ["minillama-fp32", "minillama-bf16", "minillama-int8", "minillama-int4", "minillama-fp32-b8",
-                   "minillama-bf16-b8", "hf-eager-fp32", "hf-sdpa-fp32", "hf-eager-bf16", "hf-sdpa-bf16",
-                   "hf-sdpa-static-compiled-fp32"]
+CPU_CONTESTANTS = ["minillama-fp32", "minillama-bf16", "minillama-bf16-compiled", "minillama-int8", "minillama-int4",
+                   "minillama-fp32-b8", "minillama-bf16-b8", "hf-eager-fp32", "hf-sdpa-fp32", "hf-eager-bf16",
+                   "hf-sdpa-bf16", "hf-sdpa-static-compiled-fp32", "hf-sdpa-static-compiled-bf16"]
 CUDA_CONTESTANTS = ["minillama-bf16", "minillama-int8", "minillama-int4", "minillama-bf16-b8", "hf-sdpa-bf16",
                     "hf-sdpa-static-compiled-bf16"]
 QUANTIZED = ("int8", "int4")
@@ -266,6 +266,7 @@ def run_preset(preset: str, contestants: list[str], args, bandwidth: float) -> d
             unavailable[name] = "not available (no minillama.infer.quantize yet)"
             continue
         conn, child = ctx.Pipe()
+        started = time.perf_counter()
         process = ctx.Process(target=worker, args=(child, name, preset, args.prompt_len, args.new_tokens,
                                                    args.device, args.threads), daemon=True)
         process.start()
@@ -278,8 +279,8 @@ def run_preset(preset: str, contestants: list[str], args, bandwidth: float) -> d
                 conn.recv()
         except EOFError:
             raise RuntimeError(f"the {name} worker for {preset} died (its traceback is above)") from None
-        print(f"  {preset} {name}: ready, {args.warmup} warm-up rounds in {time.perf_counter() - start:.1f} s",
-              flush=True)
+        print(f"  {preset} {name}: built (and compiled) in {start - started:.1f} s, {args.warmup} warm-up rounds "
+              f"in {time.perf_counter() - start:.1f} s", flush=True)
         workers[name] = (process, conn)
 
     names = list(workers)
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per contestant, interleaved")
-    parser.add_argument("--warmup", type=int, default=1, help="unmeasured first rounds (compilation)")
+    parser.add_argument("--warmup", type=int, help="unmeasured first rounds (compilation; default 1, CUDA 2)")
     parser.add_argument("--threads", type=int, help="torch threads in every worker (default: torch's)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "decode.json"))
     args = parser.parse_args(argv)
@@ -381,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     cuda = args.device.startswith("cuda")
+    args.warmup = args.warmup if args.warmup is not None else (2 if cuda else 1)
     if cuda and not torch.cuda.is_available():
         parser.error("--device cuda, but torch.cuda.is_available() is False")
     presets = (args.presets or ("125m,1b" if cuda else "15m,125m,350m")).split(",")

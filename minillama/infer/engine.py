@@ -17,10 +17,11 @@ prompt is prefilled alone in its row's view, and rows decode together.
 
 Rows. The running sequences occupy rows [0, n) of the cache, so one decode forward covers exactly them through a
 view (no gather, no wasted rows). When a sequence leaves (finished or cancelled), the last running row's keys and
-values move into its row: one copy of that sequence's tokens, once. Indexing the active rows instead would need a
-gather of the whole cache every step (or decoding idle rows); a move per departure costs less than one decode
-step of the rows it saves (measured in `benchmarks/decode.py`'s notes). A sequence being prefilled holds row n and
-joins the running ones when its prompt is done.
+values move into its row: one copy of that sequence's tokens, once. The alternatives cost more on CPU, measured
+once on the 125m preset in bf16 with rows of 256 positions (2 shared cores, CPU time): a move 0.4 ms, once;
+gathering 4 active rows out of 8 for a step 20 ms, every step; decoding 4 idle rows beside 4 active ones 36 ms
+more per step (65 -> 101 ms). A sequence being prefilled holds row n and joins the running ones when its prompt
+is done.
 
 Memory. The cache is allocated once: max_batch x max_len positions x `kv_bytes_per_token` (2 x layers x KV heads
 x head dim x bytes per element). `stats()` reports the bytes allocated, the bytes that hold live tokens (the sum
@@ -28,15 +29,22 @@ of the sequences' lengths) and the tokens reserved by admitted sequences (prompt
 max_len). `max_cached_tokens` caps the reserved total: a sequence is admitted only when its reservation fits, so a
 server can bound the live KV memory below what is allocated. `cancel()` frees a row at once.
 
-Speed (measured by `benchmarks/decode.py`; see `benchmarks/RESULTS.md`):
-- CPU: eager decoding; batch-1 decoding of small models is limited by per-op overhead and by memory bandwidth
-  from the weights, so weights and cache in the same dtype (cast once, no per-step conversions). On a busy
-  shared machine one thread (`torch.set_num_threads(1)`) is far faster than two: with two, every parallel region
-  waits for a thread the scheduler has taken away (the CLI's `--threads`).
-- `compile=True` (the default on CUDA): the decode forward is compiled with torch.compile over a static cache
-  (fixed shapes, no host sync); on CUDA with mode="reduce-overhead", i.e. replayed as CUDA graphs, one per batch
-  size bucket (1, 2, 4, ... max_batch; padding rows decode into free rows and are undone). On CPU compiling did
-  not beat eager decoding in our measurements and costs tens of seconds, so it is off there.
+Speed. Measured on this project's development machine (2 shared cores of an AMD EPYC with AVX512-BF16, busy
+with other work, so CPU time per token rather than wall time; `benchmarks/decode.py` measures wall time side by
+side with Hugging Face on a quiet machine):
+- Batch-1 decoding of the small presets is bound by reading the weights: the 15m preset's 57 matmuls take
+  4.8 ms of its ~6.7 ms per token in fp32 (~13 GB/s from memory), and the engine adds nothing measurable on top
+  of the model's forward. bf16 weights read half the bytes (3.3 ms for the same matmuls; 350m: 119 vs 169 ms),
+  and at a few rows bf16 matmuls are several times faster than fp32 ones (1024 x 3072 at 8 rows: 0.43 vs 2.1 ms),
+  so inference defaults to bf16 weights and cache on CPUs with native bf16 (`generate.inference_dtype`).
+- Threads: with other processes on the cores, two threads made a 15m decode step 10x slower than one (121 vs
+  12 ms): every parallel region waits for the thread the scheduler took away. The engine leaves the setting to
+  the caller (`minillama generate --threads 1`; torch.set_num_threads).
+- `compile=True`: the decode forward compiled with torch.compile over a static cache (fixed shapes, no host
+  sync), batch sizes padded to buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their
+  lengths are put back). On CUDA it is the default, with mode="reduce-overhead": each bucket's step replays as
+  a CUDA graph. On CPU it cut the 15m preset's time per token by ~15-25% (bf16: 5.9 against 6.9-8.1 ms) but
+  compiling took 75-90 s, so it is off there by default (worth it for a long-running server).
 - Sampling costs one argmax for greedy rows without penalties or log-probabilities; filters and draws are
   batched over rows (sampling.py).
 
@@ -112,7 +120,9 @@ class EngineStats:
 
 
 @dataclass(eq=False)
-class _Sequence:
+class SequenceState:
+    """One sequence inside the engine (read-only to callers; the engine updates it)."""
+
     seq_id: int
     prompt_ids: list[int]
     params: SamplingParams
@@ -181,13 +191,15 @@ class Engine:
             for view in self._views.values():
                 for tensor in (view.k, view.v, view.lengths):
                     torch._dynamo.mark_static_address(tensor)  # the cache is state, not an input to copy
+            # One graph per bucket: allow that many (dynamo's default limit of 8 would fall back to eager).
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self._buckets) + 1)
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._decode_forward = torch.compile(self._forward_last, mode=mode, dynamic=False)
         self._ids = itertools.count()
-        self._waiting: deque[_Sequence] = deque()
-        self._prefilling: _Sequence | None = None
-        self._running: list[_Sequence] = []  # _running[i].row == i
-        self._by_id: dict[int, _Sequence] = {}
+        self._waiting: deque[SequenceState] = deque()
+        self._prefilling: SequenceState | None = None
+        self._running: list[SequenceState] = []  # _running[i].row == i
+        self._by_id: dict[int, SequenceState] = {}
         self._reserved = 0
 
     # ----------------------------------------------------------------------------------------------------------
@@ -214,6 +226,11 @@ class Engine:
         else:
             self._release_row(seq)
         return True
+
+    @property
+    def running(self) -> list[SequenceState]:
+        """The decoding sequences; the i-th holds cache row i (a copy of the list)."""
+        return list(self._running)
 
     def has_work(self) -> bool:
         return bool(self._waiting or self._prefilling or self._running)
@@ -275,7 +292,7 @@ class Engine:
     # ----------------------------------------------------------------------------------------------------------
     # The seams speculative decoding builds on
     # ----------------------------------------------------------------------------------------------------------
-    def decode_rows(self, seqs: list[_Sequence]) -> torch.Tensor:
+    def decode_rows(self, seqs: list[SequenceState]) -> torch.Tensor:
         """Feed each running sequence its last sampled token (rows [0, len(seqs)), which must be the running
         ones in row order); returns next-token logits (len(seqs), V). A caller feeding several tokens per row
         (verification of drafts) calls the model on `self.cache.rows(0, n)` itself and rolls `cache.lengths` and
@@ -284,17 +301,17 @@ class Engine:
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)[:, None]  # (n, 1)
         bucket = next(b for b in self._buckets if b >= n)
         if bucket == n:
-            logits = self._decode_forward(tokens, self._views[n])
+            logits = self._decode(tokens, self._views[n])
         else:  # padding rows decode into rows beyond the running ones; their lengths are put back after
             saved = self.cache.lengths[n:bucket].clone()
             padded = torch.cat([tokens, tokens.new_zeros(bucket - n, 1)])
-            logits = self._decode_forward(padded, self._views[bucket])[:n]
+            logits = self._decode(padded, self._views[bucket])[:n]
             self.cache.lengths[n:bucket] = saved
         for s in seqs:
             s.cached += 1
         return logits
 
-    def accept(self, seq: _Sequence, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> StepOutput:
+    def accept(self, seq: SequenceState, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> StepOutput:
         """Take sampled tokens for a sequence, in order, until one ends it (stop token, stop string, length);
         returns its output. It does not touch the cache."""
         now = time.perf_counter()
@@ -336,6 +353,12 @@ class Engine:
     def _forward_last(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         return self.model(tokens, cache=cache)[:, -1]  # (B, V)
 
+    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.compiled and self.device.type == "cuda":
+            # A new iteration for CUDA graph trees: the last step's logits (already sampled) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        return self._decode_forward(tokens, cache)
+
     def _encode(self, prompt: Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
@@ -343,7 +366,7 @@ class Engine:
             return self.tokenizer.encode(prompt, bos=self.tokenizer.bos_id is not None)
         return [int(t) for t in prompt]
 
-    def _new_sequence(self, prompt: Sequence[int] | str, params: SamplingParams) -> _Sequence:
+    def _new_sequence(self, prompt: Sequence[int] | str, params: SamplingParams) -> SequenceState:
         if not isinstance(params, SamplingParams):
             raise MinillamaError(f"params must be SamplingParams, got {type(params).__name__}")
         ids = self._encode(prompt)
@@ -363,7 +386,7 @@ class Engine:
             raise MinillamaError(f"the prompt ({len(ids)} tokens) and max_new_tokens ({params.max_new_tokens}) need "
                                  f"{reserved} cache positions; max_cached_tokens is {self.max_cached_tokens}")
         stop_ids = set(params.stop_token_ids) | (set() if params.ignore_eos or self.eos_id is None else {self.eos_id})
-        return _Sequence(
+        return SequenceState(
             seq_id=next(self._ids), prompt_ids=ids, params=params,
             sampler=SequenceSampler(params, self.cfg.vocab_size, ids),
             stream=TextStream(self.tokenizer, ids, params.stop) if self.tokenizer is not None else None,
@@ -371,7 +394,7 @@ class Engine:
             reserved_tokens=reserved, arrival_s=time.perf_counter(),
             logprobs=[] if params.logprobs is not None else None)
 
-    def _enqueue(self, seqs: list[_Sequence]) -> None:
+    def _enqueue(self, seqs: list[SequenceState]) -> None:
         for seq in seqs:
             self._waiting.append(seq)
             self._by_id[seq.seq_id] = seq
@@ -388,7 +411,7 @@ class Engine:
         self._enqueue(seqs)
         return [s.seq_id for s in seqs]
 
-    def _admit(self) -> _Sequence | None:
+    def _admit(self) -> SequenceState | None:
         """The next waiting sequence, given a free row, if a row is free and its reservation fits (FIFO: the
         head is never overtaken, so no sequence starves)."""
         if not self._waiting or len(self._running) >= self.max_batch:
@@ -423,7 +446,7 @@ class Engine:
             if seq.finish_reason is not None:
                 self._release_row(seq)
 
-    def _join(self, seq: _Sequence) -> None:
+    def _join(self, seq: SequenceState) -> None:
         """A prefilled sequence becomes the last running row (moved there if rows left while it prefilled)."""
         target = len(self._running)
         if seq.row != target:
@@ -431,7 +454,7 @@ class Engine:
             seq.row = target
         self._running.append(seq)
 
-    def _release_row(self, seq: _Sequence) -> None:
+    def _release_row(self, seq: SequenceState) -> None:
         """Free a running sequence's row; the last running row moves into it, so rows [0, n) stay the running
         ones."""
         last = self._running.pop()
@@ -452,7 +475,7 @@ class Engine:
         cache.lengths[dst] = length
         cache.lengths[src] = 0
 
-    def _complete(self, seq: _Sequence, now: float) -> Completion:
+    def _complete(self, seq: SequenceState, now: float) -> Completion:
         return Completion(seq_id=seq.seq_id, prompt_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
                           text="".join(seq.text), finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
                           logprobs=seq.logprobs, seed=seq.sampler.seed,
@@ -465,4 +488,4 @@ def _powers_of_two_up_to(n: int) -> list[int]:
     return sizes + [n]
 
 
-__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "FINISH_STOP", "FINISH_LENGTH"]
+__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "SequenceState", "FINISH_STOP", "FINISH_LENGTH"]
