@@ -57,6 +57,9 @@ class SamplingParams:
     ignore_eos         don't stop at the tokenizer's (or model config's) EOS
     seed               seeds this sequence's own generator; None draws a fresh random seed
     logprobs           None: no log-probabilities; n >= 0: the chosen token's and the n most likely tokens'
+
+    Several completions of one prompt (OpenAI's `n`) are several sequences: add the prompt n times, with seeds
+    seed, seed + 1, ... (or none), and they decode as one batch.
     """
 
     max_new_tokens: int = 256
