@@ -18,7 +18,8 @@ tokens greedily without stopping at EOS.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
   sdpa and its default dynamic cache; `hf-<attn>-static-compiled-<dtype>`: with cache_implementation="static"
   and its automatic torch.compile of the forward (CompileConfig; mode reduce-overhead, i.e. CUDA graphs on
-  CUDA). The fastest HF contestant in the run is "HF best", and every ratio is against it.
+  CUDA; on CPU inductor's freezing, as our compiled engine). The fastest HF contestant in the run is "HF best",
+  and every ratio is against it.
 
 Measures per round: time to first token (prefill + first token; HF: generate(max_new_tokens=1)) and decode
 tokens/s after the first token (HF: (N - 1) / (time of generate(N) - time of generate(1))). Medians over rounds.
@@ -31,6 +32,10 @@ embedding only one row unless tied to the output) plus the KV cache so far (take
 decode, prompt + new/2); bytes per token x tokens/s is the bandwidth achieved, against this device's copy
 bandwidth measured here on a 1 GiB buffer (larger than this machine's ~480 MiB L3; 4 GiB on CUDA), counted as
 bytes read + bytes written. Models that fit in the last-level cache can go past it.
+
+On a shared machine the wall-clock columns carry the other processes' noise; "CPU ms/token" (the least CPU time
+a contestant's process spent per decoded token over the rounds, all its threads together) does not, and with
+--threads 1 it compares contestants fairly there.
 
 Results: a table on stdout and JSON (default benchmarks/results/decode.json; --out to name another).
 """
@@ -141,11 +146,12 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
             stats = engine.stats()
             if stats.running == batch or not engine.has_work():
                 break
-        decode_start, decoded = time.perf_counter(), 0
+        decode_start, cpu_start, decoded = time.perf_counter(), _own_cpu_s(), 0
         for out in engine.run():
             decoded += len(out.token_ids)
         decode_s = time.perf_counter() - decode_start
-        return dict(ttft_s=first_s, decode_tokens_per_s=decoded / decode_s)
+        return dict(ttft_s=first_s, decode_tokens_per_s=decoded / decode_s,
+                    decode_cpu_s_per_token=(_own_cpu_s() - cpu_start) / decoded)
 
     weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, model.cfg.tie_embeddings)
     return run, weight_bytes, engine.kv_bytes_per_token, lambda: greedy_head(engine, prompt)
@@ -177,7 +183,10 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
     model.generation_config.eos_token_id = None  # decode all new tokens, as ours with ignore_eos
     kwargs = dict(do_sample=False, pad_token_id=0)
     if settings["compiled"]:
-        compile_config = CompileConfig(fullgraph=False)
+        if device.startswith("cuda"):
+            compile_config = CompileConfig(fullgraph=False)  # mode reduce-overhead: CUDA graphs
+        else:  # on CPU, inductor's freezing (prepacked oneDNN weights), as our compiled engine uses there
+            compile_config = CompileConfig(fullgraph=False, mode=None, options={"freezing": True})
         compile_config._compile_all_devices = True  # HF compiles automatically on GPUs only unless told
         kwargs.update(cache_implementation="static", compile_config=compile_config)
     ids = torch.tensor([prompt], device=device)
@@ -189,15 +198,16 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
 
     def run() -> dict:
         sync()
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), _own_cpu_s()
         generate(1)
         sync()
-        ttft_s = time.perf_counter() - start
-        start = time.perf_counter()
+        ttft_s, ttft_cpu_s = time.perf_counter() - start, _own_cpu_s() - cpu_start
+        start, cpu_start = time.perf_counter(), _own_cpu_s()
         generate(new_tokens)
         sync()
-        total_s = time.perf_counter() - start
-        return dict(ttft_s=ttft_s, decode_tokens_per_s=(new_tokens - 1) / max(total_s - ttft_s, 1e-9))
+        total_s, total_cpu_s = time.perf_counter() - start, _own_cpu_s() - cpu_start
+        return dict(ttft_s=ttft_s, decode_tokens_per_s=(new_tokens - 1) / max(total_s - ttft_s, 1e-9),
+                    decode_cpu_s_per_token=(total_cpu_s - ttft_cpu_s) / (new_tokens - 1))
 
     kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
     return run, weight_bytes_read(model, model.model.embed_tokens.weight, cfg.tie_embeddings), kv_per_token, \
@@ -310,6 +320,7 @@ def summarize(preset: str, names: list[str], rounds: dict, info: dict, unavailab
         settings = parse(name)
         tps = statistics.median(r["decode_tokens_per_s"] for r in rs)
         entry = dict(settings, decode_tokens_per_s=tps, ttft_s=statistics.median(r["ttft_s"] for r in rs),
+                     decode_cpu_ms_per_token=1000 * min(r["decode_cpu_s_per_token"] for r in rs),
                      decode_tokens_per_s_quiet=statistics.median([rs[r]["decode_tokens_per_s"] for r in quiet])
                      if quiet else None, rounds=rs, first_tokens=info[name]["first_tokens"],
                      threads=info[name]["threads"])
@@ -344,8 +355,9 @@ def print_table(results: list[dict], bandwidth: float) -> None:
 
     print(f"\ncopy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write)\n")
     print("| model | contestant | batch | decode tokens/s | TTFT ms | vs HF best | vs batch 1 | GB/s achieved | "
-          "of copy bandwidth | limit tokens/s | quiet tokens/s | first 16 greedy tokens as minillama's |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+          "of copy bandwidth | limit tokens/s | quiet tokens/s | CPU ms/token | first 16 greedy tokens as "
+          "minillama's |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     for res in results:
         label = f"{res['preset']} ({res['params'] / 1e6:.0f}M)"
         for name, c in res["contestants"].items():
@@ -354,10 +366,10 @@ def print_table(results: list[dict], bandwidth: float) -> None:
                   f"| {fmt(c.get('bandwidth_bytes_per_s', 0) / 1e9 or None, '{:.1f}')} "
                   f"| {fmt(c.get('bandwidth_fraction'), '{:.0%}')} "
                   f"| {fmt(c.get('bandwidth_limit_tokens_per_s'), '{:,.0f}')} "
-                  f"| {fmt(c['decode_tokens_per_s_quiet'], '{:,.1f}')} "
+                  f"| {fmt(c['decode_tokens_per_s_quiet'], '{:,.1f}')} | {c['decode_cpu_ms_per_token']:.2f} "
                   f"| {'yes' if c['first_tokens_agree'] else 'no'} |")
         for name, why in res["unavailable"].items():
-            print(f"| {label} | {name} | 1 | {why} | | | | | | | | |")
+            print(f"| {label} | {name} | 1 | {why} | | | | | | | | | |")
     for res in results:
         rounds = len(next(iter(res["contestants"].values()))["rounds"])
         print(f"{res['preset']}: HF best = {res['hf_best']}; {len(res['quiet_rounds'])} of {rounds} rounds quiet "

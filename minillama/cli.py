@@ -202,6 +202,8 @@ def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
                    help="weights and KV cache (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
     o.add_argument("--max-batch", type=int, default=16, help="prompts decoded together at most (default 16)")
+    o.add_argument("--compile", action="store_true", default=None,
+                   help="compile the decode step (default on CUDA; on CPU faster per token but 30-90 s to compile)")
     o.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     p.set_defaults(handler=run_generate)
     return p
@@ -266,7 +268,10 @@ def run_generate(args: argparse.Namespace) -> None:
 
         torch.set_num_threads(args.threads)
     model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
-    engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch)
+    # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
+    # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
+    engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
+                                     compile=args.compile)
     if args.json:
         completions = engine.generate(ids, params)
         print(json.dumps([completion_record(p, c) for p, c in zip(prompts, completions)], indent=1))

@@ -158,6 +158,20 @@ def test_batch_with_joins_leaves_and_cancel_equals_each_alone(static):
     assert (stats.running, stats.free_rows, stats.kv_tokens_in_use, stats.kv_tokens_reserved) == (0, 4, 0, 0)
 
 
+def test_cancel_while_streaming_ends_that_sequence_only():
+    model = small_model()
+    prompts = prompts_of([6, 9])
+    params = SamplingParams(max_new_tokens=12, temperature=0, ignore_eos=True)
+    engine = Engine(model, max_batch=2)
+    got: dict[int, list[int]] = {0: [], 1: []}
+    for i, out in engine.stream(prompts, params):
+        got[i] += out.token_ids
+        if i == 1 and len(got[1]) == 3:
+            engine.cancel(out.seq_id)
+    assert len(got[1]) == 3 and got[0] == alone(model, prompts[0], params).token_ids
+    assert not engine.has_work() and engine.stats().kv_tokens_in_use == 0
+
+
 def test_chunked_prefill_equals_one_shot():
     model = small_model()
     prompts = prompts_of([60, 9, 33])

@@ -89,10 +89,11 @@ def read_prompts(prompts: Sequence[str] | None, prompt_file: str | Path | None) 
 
 
 def engine_for_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams,
-                       max_batch: int = 16, **engine_options: Any) -> tuple[Engine, list[list[int]]]:
+                       max_batch: int = 16, engine_class: type[Engine] = Engine, **engine_options: Any
+                       ) -> tuple[Engine, list[list[int]]]:
     """An engine sized for these prompts (rows: up to max_batch; positions: the longest prompt + max_new_tokens,
     within the model's context) and the prompts' ids (BOS first). A prompt that leaves no room for a new token
-    raises MinillamaError."""
+    raises MinillamaError. `engine_class` and `engine_options` let a subclass (speculative decoding) take over."""
     ids = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in prompts]
     context = model.cfg.max_seq_len
     for p, prompt_ids in zip(prompts, ids):
@@ -100,7 +101,8 @@ def engine_for_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], param
             raise MinillamaError(f"prompt {p[:40]!r}... has {len(prompt_ids)} tokens; the model's context is "
                                  f"{context}, so at most {context - 1}")
     max_len = min(context, max(len(i) for i in ids) + params.max_new_tokens)
-    engine = Engine(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_len=max_len, **engine_options)
+    engine = engine_class(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_len=max_len,
+                          **engine_options)
     return engine, ids
 
 
