@@ -189,15 +189,40 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("lm_eval_args", nargs=argparse.REMAINDER)
     p.set_defaults(handler=run_lm_eval)
 
-    p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
+    add_generate_command(sub)
+
+
+def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """`minillama generate`. Returned so that options which transform the model or the engine (a draft model,
+    prompt lookup, quantization) can be added beside these; `run_generate` builds the engine in one place."""
+    p = sub.add_parser("generate", help="continue prompts with a checkpoint (several prompts run as one batch)")
     p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
-    p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    p.add_argument("--top-k", type=int, default=200)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--prompt", action="append", metavar="TEXT", help="text to continue (repeatable)")
+    p.add_argument("--prompt-file", metavar="PATH", help="UTF-8 file of prompts, one a line")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--max-new-tokens", type=int, default=200)
+    s.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    s.add_argument("--top-k", type=int, default=200, help="keep the k most likely tokens (default 200; 0: all)")
+    s.add_argument("--top-p", type=float, default=1.0, help="nucleus mass in (0, 1] (default 1: off)")
+    s.add_argument("--min-p", type=float, default=0.0, help="drop tokens below min-p x the top one's probability")
+    s.add_argument("--repetition-penalty", type=float, default=1.0, help="CTRL's, over prompt and output (1: off)")
+    s.add_argument("--frequency-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    s.add_argument("--presence-penalty", type=float, default=0.0, help="OpenAI's, in [-2, 2]")
+    s.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    s.add_argument("--seed", type=int, default=None, help="seed of each prompt's sampler (default: a fresh one)")
+    o = p.add_argument_group("output and hardware")
+    o.add_argument("--stream", action="store_true", help="print text as it is generated")
+    o.add_argument("--json", action="store_true", help="print only JSON: per prompt its text, token ids, finish "
+                                                       "reason and timings")
+    o.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    o.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto",
+                   help="weights and KV cache (auto: bf16 on CUDA and on CPUs with native bf16, else fp32)")
+    o.add_argument("--max-batch", type=int, default=16, help="prompts decoded together at most (default 16)")
+    o.add_argument("--compile", action="store_true", default=None,
+                   help="compile the decode step (default on CUDA; on CPU faster per token but 30-90 s to compile)")
+    o.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     p.set_defaults(handler=run_generate)
+    return p
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -267,17 +292,46 @@ def run_lm_eval(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from minillama.checkpoint import load
-    from minillama.infer import generate
+    from minillama.infer import SamplingParams
+    from minillama.infer.generate import (
+        completion_record,
+        engine_for_prompts,
+        load_for_inference,
+        read_prompts,
+        stream_in_order,
+    )
 
-    model, tokenizer = load(args.checkpoint)
-    if tokenizer is None:
-        raise MinillamaError(f"checkpoint {args.checkpoint} has no tokenizer files")
-    text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    print(args.prompt + text)
+    prompts = read_prompts(args.prompt, args.prompt_file)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k or None, top_p=args.top_p, min_p=args.min_p,
+                            repetition_penalty=args.repetition_penalty, frequency_penalty=args.frequency_penalty,
+                            presence_penalty=args.presence_penalty, stop=tuple(args.stop), seed=args.seed)
+    if args.stream and args.json:
+        raise MinillamaError("--stream and --json exclude each other (--json prints one document at the end)")
+    if args.max_batch < 1 or (args.threads is not None and args.threads < 1):
+        raise MinillamaError(f"--max-batch and --threads must be >= 1, got {args.max_batch} and {args.threads}")
+    if args.threads is not None:
+        import torch
 
-
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
+    # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
+    # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
+    engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
+                                     compile=args.compile)
+    if args.json:
+        completions = engine.generate(ids, params)
+        print(json.dumps([completion_record(p, c) for p, c in zip(prompts, completions)], indent=1))
+        return
+    started = -1  # the prompt being printed; stream_in_order gives them one after another
+    for i, text, completion in stream_in_order(engine, ids, params):
+        if args.stream:
+            if i != started:
+                print(prompts[i], end="", flush=True)
+                started = i
+            print(text, end="\n" if completion is not None else "", flush=True)
+        elif completion is not None:
+            print(prompts[i] + completion.text)
 # --------------------------------------------------------------------------------------------------------------
 # plan  (owned by minillama/plan/)
 # --------------------------------------------------------------------------------------------------------------

@@ -95,8 +95,9 @@ class KVCache:
     writes its new keys at the rows' `positions` and attends over the buffer through a mask (a key is seen iff its
     position <= the query's), so rows of one batch sit at different positions, a row is reset by setting its length
     to 0 (what it held is masked out, then overwritten) and rolled back by lowering it (speculative decoding).
-    `static` keeps the attended span at max_len so that shapes never change (CUDA graphs); otherwise a forward
-    attends only up to the longest row. `rows(a, b)` is a view of some rows, to prefill or decode them alone.
+    `static` keeps the attended span at max_len so that shapes never change and no forward syncs with the host
+    (CUDA graphs); otherwise a forward attends only up to the longest row. `rows(a, b)` is a view of some rows, to
+    prefill or decode them alone.
     """
 
     k: torch.Tensor
@@ -272,11 +273,16 @@ class Transformer(nn.Module):
             # Each row continues where it stands unless told otherwise; keys are visible up to the query's position.
             if positions is None:
                 positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
-            last = int(positions.max())  # one host sync per forward: it sizes the span and checks the context
-            if last >= min(self.cfg.max_seq_len, cache.max_len):
-                raise ValueError(f"position {last} is beyond the context: max_seq_len={self.cfg.max_seq_len}, "
-                                 f"cache max_len={cache.max_len}")
-            span = cache.max_len if cache.static else last + 1
+            if cache.static:
+                # No host sync, so that a CUDA graph can hold the whole step; the caller keeps positions below
+                # max_len (a write past the buffer fails in scatter_).
+                span = cache.max_len
+            else:
+                last = int(positions.max())  # one host sync per forward: it sizes the span, checks the context
+                if last >= min(self.cfg.max_seq_len, cache.max_len):
+                    raise ValueError(f"position {last} is beyond the context: max_seq_len={self.cfg.max_seq_len}, "
+                                     f"cache max_len={cache.max_len}")
+                span = last + 1
             mask = torch.arange(span, device=tokens.device) <= positions[:, None, :, None]  # (B, 1, T, S)
         elif positions is None:
             if T > self.cfg.max_seq_len:

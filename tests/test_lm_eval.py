@@ -22,7 +22,7 @@ from lm_eval.tasks import TaskManager
 
 from minillama.cli import main
 from minillama.errors import MinillamaError
-from minillama.infer import generate_ids
+from minillama.infer import Engine, SamplingParams
 from minillama.interop.lm_eval import MinillamaLM
 from minillama.tasks import (
     TARGET_DELIMITER,
@@ -136,8 +136,9 @@ def _requests(*args) -> list[Instance]:
 def test_generate_until_is_greedy_and_cut_at_the_stop_string(lm, tiny_model):
     model, tokenizer = tiny_model
     prompt = "Shall I compare thee"
-    greedy_ids = list(generate_ids(model, tokenizer.encode(prompt, bos=True), 24, temperature=0,
-                                   stop_ids=(tokenizer.eos_id,)))
+    (completion,) = Engine(model, tokenizer).generate([tokenizer.encode(prompt, bos=True)],
+                                                      SamplingParams(max_new_tokens=24, temperature=0))
+    greedy_ids = completion.token_ids
     greedy = tokenizer.decode(greedy_ids)
     assert len(greedy) >= 8
     stop = greedy[4:7]

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minillama import ModelConfig, Transformer
+from minillama import ModelConfig, Transformer, load
 from minillama.cli import main
 from minillama.errors import MinillamaError
 from minillama.train import load_run_config
@@ -178,8 +178,19 @@ def test_train_writes_metrics_checkpoints_and_plot(tmp_path, corpus, env, capsys
     result = json.loads(capsys.readouterr().out)
     assert result["bits_per_byte"] > 0 and result["perplexity"] > 1
     assert main(["generate", "--checkpoint", str(latest), "--prompt", "ROMEO:", "--max-new-tokens", "10",
-                 "--temperature", "0"]) == 0
-    assert capsys.readouterr().out.startswith("ROMEO:")
+                 "--temperature", "0", "--json", "--dtype", "fp32"]) == 0
+    record = json.loads(capsys.readouterr().out)[0]
+    model, tokenizer = load(latest)
+    ids = tokenizer.encode("ROMEO:", bos=True)
+    greedy = []  # greedy decoding by full recomputation, no cache: what the CLI's ids must be
+    with torch.no_grad():
+        while len(greedy) < 10:
+            next_id = int(model(torch.tensor([ids + greedy]))[0, -1].argmax())
+            if next_id == tokenizer.eos_id:
+                break
+            greedy.append(next_id)
+    assert record["token_ids"] == greedy and record["finish_reason"] == ("length" if len(greedy) == 10 else "stop")
+    assert record["text"] == tokenizer.decode(ids + greedy)[len(tokenizer.decode(ids)):]
 
 
 def _run_train(config: Path, out: Path, env: dict, resume: bool = False) -> subprocess.Popen:

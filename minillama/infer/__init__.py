@@ -1,6 +1,9 @@
-"""Inference: sampling and KV-cache generation."""
+"""Inference: the continuous-batching engine, sampling, streaming text, and one-call conveniences."""
 
-from minillama.infer.generate import generate, generate_ids, sample_checkpoint
-from minillama.infer.sampling import sample_next
+from minillama.infer.engine import Completion, Engine, EngineStats, StepOutput
+from minillama.infer.generate import generate, sample_checkpoint
+from minillama.infer.sampling import SamplingParams, TokenLogprob
+from minillama.infer.streaming import TextStream
 
-__all__ = ["generate", "generate_ids", "sample_checkpoint", "sample_next"]
+__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "SamplingParams", "TokenLogprob", "TextStream",
+           "generate", "sample_checkpoint"]

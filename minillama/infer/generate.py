@@ -1,61 +1,32 @@
-"""Autoregressive generation with the KV cache: one prefill of the prompt, then one token per forward."""
+"""Conveniences over the engine: continue one prompt, sample from a saved checkpoint, and the pieces of
+`minillama generate` (load for inference, read prompts, size an engine, stream prompts in order, JSON records)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from minillama.errors import MinillamaError
-from minillama.infer.sampling import check_sampling_args, sample_next
-from minillama.model import KVCache, Transformer
+from minillama.infer.engine import Completion, Engine
+from minillama.infer.sampling import SamplingParams
 
 
-@torch.no_grad()
-def generate_ids(model: Transformer, prompt_ids: list[int], max_new_tokens: int, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop_ids: tuple[int, ...] = ()) -> Iterator[int]:
-    """Yield new token ids one at a time; stops at a stop id (not yielded), max_new_tokens or the context."""
-    check_sampling_args(temperature, top_k, top_p)
-    if not prompt_ids:
-        raise MinillamaError("the prompt encodes to no tokens; give a prompt or encode with a BOS token")
-    cfg = model.cfg
-    device = next(model.parameters()).device
-    total = min(cfg.max_seq_len, len(prompt_ids) + max_new_tokens)
-    if len(prompt_ids) >= total:
-        raise MinillamaError(f"the prompt has {len(prompt_ids)} tokens; the model's context is {cfg.max_seq_len}")
-    generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
+             top_k: int | None = 200, top_p: float = 1.0, seed: int | None = None) -> str:
+    """The prompt's continuation as text (BOS prepended, stops at EOS), by an engine of one row. The model's
+    training mode is restored afterwards."""
     was_training = model.training
-    model.eval()
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.empty(cfg, batch_size=1, max_len=total, device=device, dtype=dtype)
-    tokens = torch.tensor([prompt_ids], device=device)
-    logits = model(tokens, cache=cache, logits_index=-1)[:, -1]  # prefill: (1, V)
-    position = len(prompt_ids)
     try:
-        while position < total:
-            next_id = sample_next(logits, temperature, top_k, top_p, generator)  # (1,)
-            token = int(next_id.item())
-            if token in stop_ids:
-                return
-            yield token
-            if position + 1 >= total:
-                return
-            logits = model(next_id[:, None], cache=cache)[:, -1]
-            position += 1
+        params = SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                                seed=seed)
+        ids = tokenizer.encode(prompt, bos=tokenizer.bos_id is not None)
+        engine = Engine(model, tokenizer, max_batch=1, max_len=min(model.cfg.max_seq_len, len(ids) + max_new_tokens))
+        return engine.generate([ids], params)[0].text
     finally:
         model.train(was_training)
-
-
-def generate(model: Transformer, tokenizer, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
-             top_k: int | None = 200, top_p: float | None = None, seed: int | None = None) -> str:
-    """The prompt's continuation as text (BOS prepended, stops at EOS)."""
-    ids = tokenizer.encode(prompt, bos=True)
-    new = list(generate_ids(model, ids, max_new_tokens, temperature, top_k, top_p, seed,
-                            stop_ids=(tokenizer.eos_id,)))
-    return tokenizer.decode(new)
 
 
 def sample_checkpoint(checkpoint: str | Path, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -68,3 +39,102 @@ def sample_checkpoint(checkpoint: str | Path, prompt: str, max_new_tokens: int =
         raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")
     return prompt + generate(model, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                              top_k=top_k, seed=seed)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# What `minillama generate` runs
+# --------------------------------------------------------------------------------------------------------------
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def inference_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: bf16 on CUDA, and on CPUs with native bf16 matmuls (oneDNN's check: AVX512-BF16 or AMX), where
+    they beat fp32 (the weights are half the bytes, and batched bf16 matmuls run several times faster than fp32
+    ones at a few rows, benchmarks/decode.py); fp32 elsewhere."""
+    if name == "auto":
+        native = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return torch.bfloat16 if native else torch.float32
+    if name not in DTYPES:
+        raise MinillamaError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
+    return DTYPES[name]
+
+
+def load_for_inference(checkpoint: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
+    """(model, tokenizer) of a checkpoint on `device` in `dtype`, ready for an Engine; a tokenizer is required."""
+    from minillama.checkpoint import load
+    from minillama.runtime import resolve_device
+
+    resolved = resolve_device(device)
+    model, tokenizer = load(checkpoint, device=resolved, dtype=inference_dtype(dtype, resolved))
+    if tokenizer is None:
+        raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")
+    return model.eval(), tokenizer
+
+
+def read_prompts(prompts: Sequence[str] | None, prompt_file: str | Path | None) -> list[str]:
+    """The --prompt values, then the lines of --prompt-file (UTF-8, one prompt a line, blank lines skipped);
+    neither: one empty prompt (the model starts from BOS)."""
+    out = list(prompts or [])
+    if prompt_file is not None:
+        path = Path(prompt_file)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MinillamaError(f"cannot read prompt file {path}: {exc}") from None
+        lines = [line for line in text.splitlines() if line.strip()]
+        if not lines:
+            raise MinillamaError(f"prompt file {path} has no prompts (one a line)")
+        out += lines
+    return out or [""]
+
+
+def engine_for_prompts(model: Any, tokenizer: Any, prompts: Sequence[str], params: SamplingParams,
+                       max_batch: int = 16, engine_class: type[Engine] = Engine, **engine_options: Any
+                       ) -> tuple[Engine, list[list[int]]]:
+    """An engine sized for these prompts (rows: up to max_batch; positions: the longest prompt + max_new_tokens,
+    within the model's context) and the prompts' ids (BOS first). A prompt that leaves no room for a new token
+    raises MinillamaError. `engine_class` and `engine_options` let a subclass (speculative decoding) take over."""
+    ids = [tokenizer.encode(p, bos=tokenizer.bos_id is not None) for p in prompts]
+    context = model.cfg.max_seq_len
+    for p, prompt_ids in zip(prompts, ids):
+        if len(prompt_ids) >= context:
+            raise MinillamaError(f"prompt {p[:40]!r}... has {len(prompt_ids)} tokens; the model's context is "
+                                 f"{context}, so at most {context - 1}")
+    max_len = min(context, max(len(i) for i in ids) + params.max_new_tokens)
+    engine = engine_class(model, tokenizer, max_batch=min(max_batch, len(prompts)), max_len=max_len,
+                          **engine_options)
+    return engine, ids
+
+
+def stream_in_order(engine: Engine, prompts: Sequence[Sequence[int] | str], params: SamplingParams
+                    ) -> Iterator[tuple[int, str, Completion | None]]:
+    """Run prompts as one batch; yield (prompt index, text, completion or None) so that the prompts come out one
+    after another: prompt 0's text as it arrives, then prompt 1's (what it buffered meanwhile, then live), ...
+    A prompt's last event carries its Completion."""
+    buffers: list[list[str]] = [[] for _ in prompts]
+    done: list[Completion | None] = [None] * len(prompts)
+    current = 0
+    for i, out in engine.stream(prompts, params):
+        buffers[i].append(out.text)
+        done[i] = out.completion or done[i]
+        while current < len(prompts):
+            text, buffers[current] = "".join(buffers[current]), []
+            if text:
+                yield current, text, None
+            if done[current] is None:
+                break
+            yield current, "", done[current]
+            current += 1
+
+
+def completion_record(prompt: str, completion: Completion) -> dict[str, Any]:
+    """A completion as `minillama generate --json` prints it."""
+    record = dict(prompt=prompt, text=completion.text, token_ids=completion.token_ids,
+                  prompt_tokens=len(completion.prompt_ids), completion_tokens=len(completion.token_ids),
+                  finish_reason=completion.finish_reason, stop_reason=completion.stop_reason, seed=completion.seed,
+                  time_to_first_token_s=completion.time_to_first_token_s,
+                  decode_tokens_per_s=completion.decode_tokens_per_s, total_s=completion.total_s)
+    if completion.logprobs is not None:
+        record["logprobs"] = [dict(token_id=lp.token_id, logprob=lp.logprob, top=[list(t) for t in lp.top])
+                              for lp in completion.logprobs]
+    return record

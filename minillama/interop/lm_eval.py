@@ -149,29 +149,32 @@ class MinillamaLM(TemplateLM):
 
     # ---- generation -----------------------------------------------------------------------------------------
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or, with do_sample, sampled) continuations, cut at the first stop string; one request at a
-        time through `minillama.infer.generate_ids`."""
-        from minillama.infer import generate_ids
+        """Continuations cut at the first stop string (greedy unless do_sample), every request decoded together
+        by the batched engine (`minillama.infer.Engine`), the prompt left-truncated to leave room for the new
+        tokens as HFLM does."""
+        from minillama.infer import Engine, SamplingParams
 
-        outputs = []
+        if not requests:
+            return []
+        prompts, params, stops = [], [], []
         for request in requests:
             context, gen_kwargs = request.args
             kwargs = normalize_gen_kwargs(gen_kwargs, self.max_gen_toks)
-            until = [s for s in kwargs.pop("until") if s]
-            max_new = kwargs.pop("max_gen_toks")
-            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
-            top_k, top_p = kwargs.pop("top_k", None), kwargs.pop("top_p", None)
-            # Keep room for the new tokens, as HFLM does (left truncation of the prompt).
-            prompt = self.tok_encode(context)[-max(1, self.max_length - max_new):]
-            new_ids: list[int] = []
-            text = ""
-            stop_ids = () if self.eot_token_id is None else (self.eot_token_id,)
-            for token in generate_ids(self.model, prompt, max_new, temperature, top_k, top_p, self.seed, stop_ids):
-                new_ids.append(token)
-                text = self.tok_decode(new_ids)
-                if any(stop in text for stop in until):
-                    break
-            text = postprocess_generated_text(text, until, None)
+            until = tuple(s for s in kwargs.pop("until") if s)
+            max_new = min(int(kwargs.pop("max_gen_toks")), self.max_length - 1)
+            sample = kwargs.pop("do_sample", False)
+            prompts.append(self.tok_encode(context)[-(self.max_length - max_new):])
+            params.append(SamplingParams(max_new_tokens=max_new,
+                                         temperature=float(kwargs.pop("temperature", 1.0)) if sample else 0.0,
+                                         top_k=kwargs.pop("top_k", None) if sample else None,
+                                         top_p=(kwargs.pop("top_p", None) or 1.0) if sample else 1.0,
+                                         stop=until, seed=self.seed))
+            stops.append(until)
+        engine = Engine(self.model, self.tokenizer, max_batch=min(self.batch_size, len(prompts)),
+                        max_len=self.max_length)
+        outputs = []
+        for request, until, completion in zip(requests, stops, engine.generate(prompts, params)):
+            text = postprocess_generated_text(completion.text, until, None)
             self.cache_hook.add_partial("generate_until", request.args, text)
             outputs.append(text)
         return outputs
