@@ -8,7 +8,8 @@ For each dtype the checkpoint is exported with `minillama.interop.gguf.export_gg
 (llama-cpp-python, `n_threads` threads, f16 KV cache as llama.cpp defaults). Each repeat starts from an empty
 cache: the fixed prompt is evaluated in one batch (prefill, not timed), which gives the first new token; then
 `--new-tokens` tokens are decoded one at a time, greedily, and only that loop is timed: decode tokens/s =
-new tokens / seconds. The median of `--repeats` runs is reported, with the slowest and fastest. A table goes to
+new tokens / seconds. After `--warmup` untimed runs, the median of `--repeats` runs is reported, with the
+slowest and fastest. A table goes to
 stdout and JSON to benchmarks/out/llamacpp_decode.json (or --out).
 """
 
@@ -29,18 +30,24 @@ sys.path.insert(0, str(ROOT))
 PROMPT = "ROMEO:\nBut, soft! what light through yonder window breaks?\nIt is the east, and Juliet is the sun.\n"
 
 
-def decode_tokens_per_s(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, generated ids) for one greedy run from an empty cache; only the decode loop is timed."""
+def last_logits(llm):
+    """The logits of the last token evaluated, read in place from llama.cpp (llama_get_logits_ith(ctx, -1))."""
+    import llama_cpp
     import numpy as np
 
+    return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
+
+
+def decode_tokens_per_s(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
+    """(decode tokens/s, generated ids) for one greedy run from an empty cache; only the decode loop is timed."""
     llm.reset()
     llm.eval(prompt_ids)  # prefill: its last logits give the first new token
-    token = int(np.argmax(llm.eval_logits[-1]))
+    token = int(last_logits(llm).argmax())
     generated = [token]
     started = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([token])
-        token = int(np.argmax(llm.eval_logits[-1]))
+        token = int(last_logits(llm).argmax())
         generated.append(token)
     return new_tokens / (time.perf_counter() - started), generated
 
@@ -56,12 +63,14 @@ def measure(checkpoint: Path, dtype: str, gguf_dir: Path, args: argparse.Namespa
     prompt_ids = tokenizer.encode(args.prompt, bos=True)
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + args.new_tokens + 8, n_batch=512,
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
+    for _ in range(args.warmup):  # first runs pay for buffer allocation and page faults, not decoding
+        decode_tokens_per_s(llm, prompt_ids, args.new_tokens)
     rates, generated = [], []
     for _ in range(args.repeats):
         rate, generated = decode_tokens_per_s(llm, prompt_ids, args.new_tokens)
         rates.append(rate)
     return dict(dtype=dtype, file_bytes=path.stat().st_size, prompt_tokens=len(prompt_ids),
-                new_tokens=args.new_tokens, threads=args.threads, repeats=args.repeats,
+                new_tokens=args.new_tokens, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
                 decode_tokens_per_s=statistics.median(rates), slowest=min(rates), fastest=max(rates),
                 sample=tokenizer.decode(generated))
 
@@ -73,6 +82,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128, help="tokens decoded after the first (timed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--gguf-dir", type=Path, help="keep the exported files here (default: a temporary dir)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "llamacpp_decode.json")

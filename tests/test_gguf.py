@@ -265,6 +265,13 @@ def test_cli_export_and_bad_input(checkpoints, tmp_path, capsys, monkeypatch):
     save(model, None, tmp_path / "no-tokenizer")
     fails([str(tmp_path / "no-tokenizer"), "--out", str(out)], "has no tokenizer files")
 
+    odd = tmp_path / "odd-pre-tokenizer"
+    save(model, checkpoints["bpe"][2], odd)
+    spec = json.loads((odd / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\s+|\S+"
+    (odd / "tokenizer.json").write_text(json.dumps(spec))
+    fails([str(odd), "--out", str(out)], "has no llama.cpp equivalent we know")
+
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")
 
@@ -275,8 +282,9 @@ def test_cli_export_and_bad_input(checkpoints, tmp_path, capsys, monkeypatch):
 # --------------------------------------------------------------------------------------------------------------
 # llama.cpp itself (marked: `pip install llama-cpp-python && python -m pytest -m llamacpp`)
 # --------------------------------------------------------------------------------------------------------------
-# Tolerances measured (see the report in each test's assertion message): fp32 llama.cpp vs our fp32 forward.
-F32_LOGIT_TOLERANCE = 1e-3
+# llama.cpp (f32 weights, f32 KV cache) against our fp32 forward: measured max |difference| ~1e-6 on the tiny
+# random models and ~5e-6 on the trained 15m one (logits up to ~10-20), so 1e-4 leaves a 20x margin.
+F32_LOGIT_TOLERANCE = 1e-4
 
 
 def llama_cpp_model(path: Path, n_ctx: int = 256, vocab_only: bool = False):
@@ -322,23 +330,37 @@ def test_llamacpp_tokenizes_and_computes_like_us(kind, checkpoints, tmp_path):
     for text in TEXTS:
         ours = tokenizer.encode(text, bos=True)
         assert llm.tokenize(text.encode(), add_bos=True, special=False) == ours, text
-        assert llm.detokenize(ours[1:]).decode() == tokenizer.decode(ours), text
+        # llama.cpp's token_to_piece, concatenated (ids after bos, so the binding strips no space of its own);
+        # SentencePiece's dummy prefix stays as the leading space that sentencepiece's decode removes.
+        prefix = " " if kind == "sentencepiece" else ""
+        assert llm.detokenize(ours[1:]).decode() == prefix + tokenizer.decode(ours), text
     tokens = tokenizer.encode(" ".join(TEXTS), bos=True)[:200]
     with torch.no_grad():
         expected = model(torch.tensor([tokens]))[0].numpy()
     difference = np.abs(llama_cpp_logits(llm, tokens) - expected).max()
+    llm.close()
     assert difference < F32_LOGIT_TOLERANCE, f"max |logit difference| {difference:.2e} over {len(tokens)} tokens"
 
 
-# A 15m-preset model (dim 384, 8 layers, 6 heads, 2 KV heads, 8192-token BPE) trained for a short run on
-# tinyshakespeare with our trainer: enough that its greedy text is English-like and its logits are peaked.
+# A model trained on tinyshakespeare with our trainer, so its logits are peaked and its greedy text is not noise.
+# The shape is configs/shakespeare.toml's (dim 256, 6 layers, 4 heads, 2 KV heads, 1024-token BPE; 5.0M
+# parameters), smaller than the 15m preset: on this project's shared 2-core machine 15m trained at 155-555
+# tokens/s, i.e. 15-30 minutes for a loss of 5.8. Training is fitted to 8 minutes of wall clock
+# (train.time_budget_s), and the checkpoint is kept in pytest's cache directory (.pytest_cache/d/) for later runs;
+# `--cache-clear` trains afresh.
 TRAIN_TOML = """
 [model]
-preset = "15m"
+preset = "tiny"
+dim = 256
+n_layers = 6
+n_heads = 4
+n_kv_heads = 2
+ffn_hidden_dim = 768
+vocab_size = 1024
 max_seq_len = 256
 
 [tokenizer]
-vocab_size = 8192
+vocab_size = 1024
 
 [data]
 val_fraction = 0.05
@@ -348,59 +370,80 @@ name = "shakespeare"
 path = "{data}"
 
 [optim]
-lr = 2e-3
+lr = 3e-3
+beta2 = 0.99
 warmup_steps = 20
 
 [train]
-max_steps = {steps}
+max_steps = 1000
+time_budget_s = 480
 seq_len = 256
-batch_tokens = 4096
-eval_every = 1000
-save_every = 1000
+batch_tokens = 1024
+eval_every = 100000
+save_every = 100000
 sample_tokens = 1
 """
-TRAIN_STEPS = 120
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(request, tmp_path_factory):
+    import hashlib
+    import shutil
+
     from minillama.train import load_run_config, train
 
-    directory = tmp_path_factory.mktemp("trained")
-    config = directory / "run.toml"
-    config.write_text(TRAIN_TOML.format(data=SHAKESPEARE, steps=TRAIN_STEPS))
-    started = time.perf_counter()
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINILLAMA_CACHE", str(directory / "cache"))
-        result = train(load_run_config(config), directory / "run", show_progress=False)
-    print(f"\ntrained 15m for {TRAIN_STEPS} steps in {time.perf_counter() - started:.0f} s, "
-          f"loss {result.last_loss:.3f}")
-    model, tokenizer = load(result.checkpoint, dtype=torch.float32)
-    return result.checkpoint, model.eval(), tokenizer
+    toml = TRAIN_TOML.format(data=SHAKESPEARE)
+    key = hashlib.sha256(toml.encode()).hexdigest()[:12]
+    cache = getattr(request.config, "cache", None)  # None under -p no:cacheprovider
+    keep = cache.mkdir(f"minillama-llamacpp-shakespeare-{key}") if cache else tmp_path_factory.mktemp("trained")
+    checkpoint = keep / "checkpoint"
+    if not checkpoint.is_dir():
+        work = tmp_path_factory.mktemp("training")
+        (work / "run.toml").write_text(toml)
+        started = time.perf_counter()
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MINILLAMA_CACHE", str(work / "cache"))
+            result = train(load_run_config(work / "run.toml"), work / "run", show_progress=False)
+        assert not result.stopped_by_signal, "training was interrupted; not caching its checkpoint"
+        print(f"\ntrained for {result.step} steps in {time.perf_counter() - started:.0f} s, "
+              f"train loss {result.last_loss:.3f}")
+        shutil.copytree(result.checkpoint, keep / "checkpoint.tmp", dirs_exist_ok=True)
+        (keep / "checkpoint.tmp").rename(checkpoint)  # whole or absent, if a run is killed while copying
+    model, tokenizer = load(checkpoint, dtype=torch.float32)
+    return checkpoint, model.eval(), tokenizer
 
 
 @pytest.mark.llamacpp
-def test_llamacpp_trained_15m(trained, tmp_path):
+def test_llamacpp_trained_model(trained, tmp_path):
     checkpoint, model, tokenizer = trained
     prompt = tokenizer.encode("ROMEO:\nBut, soft! what light through yonder window breaks?\n", bos=True)
     n_new = 48
     ours = our_greedy(model, prompt, n_new)
+    # Teacher-forced text the model did not write: the last 255 tokens of the corpus (in the validation split).
+    text = tokenizer.encode(SHAKESPEARE.read_text()[-3000:], bos=True)[-255:]
     with torch.no_grad():
-        expected = model(torch.tensor([prompt + ours]))[0].numpy()
+        expected = model(torch.tensor([text]))[0].numpy()
     report = [f"ours: {tokenizer.decode(ours)!r}"]
-    agreement = {}
+    measured = {}
     for dtype in ("f32", "f16", "q8_0"):
         path = export_gguf(checkpoint, tmp_path / f"{dtype}.gguf", dtype)
         llm = llama_cpp_model(path)
-        difference = np.abs(llama_cpp_logits(llm, prompt + ours) - expected).max()
+        logits = llama_cpp_logits(llm, text)
+        difference = float(np.abs(logits - expected).max())
+        same_argmax = float((logits.argmax(-1) == expected.argmax(-1)).mean())
         theirs = llama_cpp_greedy(llm, prompt, n_new)
-        same = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n_new)
-        agreement[dtype] = same
-        report.append(f"{dtype}: {os.path.getsize(path) / 1e6:.1f} MB, max |logit diff| {difference:.2e}, "
-                      f"first {same}/{n_new} greedy tokens equal: {tokenizer.decode(theirs)!r}")
-        if dtype == "f32":
-            assert difference < F32_LOGIT_TOLERANCE, "\n".join(report)
+        llm.close()
+        same_greedy = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), n_new)
+        measured[dtype] = (difference, same_argmax, same_greedy)
+        report.append(f"{dtype}: {os.path.getsize(path) / 1e6:.1f} MB, max |logit diff| {difference:.2e} "
+                      f"(logits up to {np.abs(expected).max():.1f}), argmax equal at {same_argmax:.1%} of "
+                      f"{len(text)} positions, first {same_greedy}/{n_new} greedy tokens equal: "
+                      f"{tokenizer.decode(theirs)!r}")
     print("\n" + "\n".join(report))
-    assert agreement["f32"] == n_new, "\n".join(report)
-    # Rounded weights may flip a near-tie somewhere; the start of the continuation must still agree.
-    assert agreement["f16"] >= 16 and agreement["q8_0"] >= 8, "\n".join(report)
+    message = "\n".join(report)
+    # f32: the same function up to summation order. Measured ~5e-6 on this model, ~1e-6 on the random ones.
+    assert measured["f32"][0] < F32_LOGIT_TOLERANCE and measured["f32"][1:] == (1.0, n_new), message
+    # Rounded weights move the logits (measured: f16 ~1e-3, q8_0 ~5e-2) and may flip a near-tie; the
+    # greedy continuation must still start the same and nearly every teacher-forced argmax agree.
+    assert measured["f16"][0] < 2e-2 and measured["f16"][1] >= 0.98 and measured["f16"][2] >= 16, message
+    assert measured["q8_0"][0] < 0.3 and measured["q8_0"][1] >= 0.95 and measured["q8_0"][2] >= 8, message

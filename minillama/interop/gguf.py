@@ -188,13 +188,17 @@ def _huggingface_vocab(tokenizer: HuggingFaceTokenizer, vocab_size: int) -> GGUF
         raise MinillamaError(f"tokenizer.json: a {model.get('type')} model with a "
                              f"{(spec.get('decoder') or {}).get('type')} decoder; GGUF export supports byte-level BPE")
     pre = _byte_level_pre_name(spec.get("pre_tokenizer"), "tokenizer.json")
-    tokens: list[str | None] = [None] * tokenizer.vocab_size
-    types = [int(token_type.NORMAL)] * tokenizer.vocab_size
-    for token, i in model["vocab"].items():
-        tokens[i] = token
+    entries = {i: (token, token_type.NORMAL) for token, i in model["vocab"].items()}
     for added in spec.get("added_tokens", []):
-        tokens[added["id"]] = added["content"]
-        types[added["id"]] = int(token_type.CONTROL if added.get("special") else token_type.USER_DEFINED)
+        entries[added["id"]] = (added["content"], token_type.CONTROL if added.get("special") else
+                                token_type.USER_DEFINED)
+    if max(entries) >= vocab_size:
+        raise MinillamaError(f"tokenizer.json has token id {max(entries)}, beyond the model's {vocab_size} "
+                             "embedding rows")
+    tokens: list[str | None] = [None] * vocab_size
+    types = [int(token_type.UNUSED)] * vocab_size
+    for i, (token, kind) in entries.items():
+        tokens[i], types[i] = token, int(kind)
     _pad(tokens, types, vocab_size)
     # tokenizers >= 0.20 writes each merge as a pair, older versions as one "left right" string.
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
