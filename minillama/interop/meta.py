@@ -76,7 +76,9 @@ class MetaParams:
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     use_scaled_rope: bool = False  # Llama 3.1 and later
-    # llama-models' apply_scaling defaults (scale_factor 8, high_freq_factor 4); Llama 3.2 1B/3B use factor 32.
+    # Unset: llama-models' apply_scaling defaults, scale_factor 8 and high_freq_factor 4 (Llama 3.1). Llama 3.2
+    # 1B/3B were trained with factor 32 (their Hugging Face configs say so): a params.json of theirs that lacks
+    # rope_scaling_factor needs "rope_scaling_factor": 32 added before converting.
     rope_scaling_factor: float | None = None
     rope_high_freq_factor: float | None = None
     max_seq_len: int | None = None  # a generation setting in ModelArgs, rarely in params.json
