@@ -333,6 +333,39 @@ def run_generate(args: argparse.Namespace) -> None:
         elif completion is not None:
             print(prompts[i] + completion.text)
 # --------------------------------------------------------------------------------------------------------------
+# export, convert  (owned by minillama/interop/)
+# --------------------------------------------------------------------------------------------------------------
+def add_interop_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="write a checkpoint in another program's format")
+    group = p.add_subparsers(dest="export_format", required=True)
+    q = group.add_parser("gguf", help="a GGUF file for llama.cpp (llama architecture, with the tokenizer)")
+    q.add_argument("checkpoint", help="checkpoint directory (Hugging Face format, with tokenizer files)")
+    q.add_argument("--out", required=True, help="the .gguf file to write")
+    q.add_argument("--dtype", default="f16", help="weights: f32, f16 (default) or q8_0; norms stay f32")
+    q.set_defaults(handler=run_export_gguf)
+
+    p = sub.add_parser("convert", help="read a checkpoint in another format into a Hugging Face-format directory")
+    group = p.add_subparsers(dest="convert_format", required=True)
+    q = group.add_parser("meta", help="Meta's original format: params.json, consolidated.NN.pth, tokenizer.model")
+    q.add_argument("directory", help="the Meta checkpoint directory")
+    q.add_argument("--out", required=True, help="output checkpoint directory (replaced atomically)")
+    q.add_argument("--max-seq-len", type=int, help="context length (default: the model family's)")
+    q.set_defaults(handler=run_convert_meta)
+
+
+def run_export_gguf(args: argparse.Namespace) -> None:
+    from minillama.interop.gguf import export_gguf
+
+    print(export_gguf(args.checkpoint, args.out, args.dtype))
+
+
+def run_convert_meta(args: argparse.Namespace) -> None:
+    from minillama.interop.meta import convert_meta
+
+    print(convert_meta(args.directory, args.out, max_seq_len=args.max_seq_len))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # plan  (owned by minillama/plan/)
 # --------------------------------------------------------------------------------------------------------------
 def add_plan_commands(sub: argparse._SubParsersAction) -> None:
@@ -411,7 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command")
     for add in (add_presets_commands, add_tokenizer_commands, add_data_commands, add_train_commands,
-                add_plan_commands):
+                add_plan_commands, add_interop_commands):
         add(sub)
     return parser
 
