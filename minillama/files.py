@@ -31,6 +31,17 @@ def cache_dir() -> Path:
     return Path(base) / "minillama"
 
 
+def make_dir(directory: str | Path) -> Path:
+    """`directory` and its parents, created if missing; a path that cannot be a directory (a file is there, no
+    permission) is a MinillamaError naming it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MinillamaError(f"cannot create directory {directory}: {exc.strerror}") from None
+    return directory
+
+
 def fsync_directory(path: str | Path) -> None:
     """fsync a directory, which makes the names created or renamed in it durable (files alone are not)."""
     fd = os.open(path, os.O_RDONLY)
@@ -45,12 +56,12 @@ def fsync_directory(path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 def read_json(path: str | Path, missing: str | None = None) -> Any:
     """The JSON value in `path`; text that is not JSON (or not UTF-8) is a MinillamaError naming the file. A
-    missing file raises MinillamaError(`missing`) when `missing` says what its absence means, else
-    FileNotFoundError."""
+    missing file (or a file where one of the path's directories should be) raises MinillamaError(`missing`) when
+    `missing` says what its absence means, else FileNotFoundError (NotADirectoryError)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a directory of the path should be
         if missing is None:
             raise
         raise MinillamaError(missing) from None
@@ -201,5 +212,5 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         raise
 
 
-__all__ = ["cache_dir", "read_json", "atomic_write_text", "atomic_write_json", "atomic_directory", "aside_path",
-           "fsync_directory"]
+__all__ = ["cache_dir", "make_dir", "read_json", "atomic_write_text", "atomic_write_json", "atomic_directory",
+           "aside_path", "fsync_directory"]

@@ -447,6 +447,8 @@ def _energy_section(opts: PlanOptions, hw: Hardware, gpu_hours: float) -> _Secti
     """Energy and emissions of the GPU-hours, at --power-w (default: the chip's TDP), PUE and grid intensity."""
     power_w = parse_quantity(opts.power_w, "power_w") if opts.power_w is not None else hw.tdp_w
     pue = parse_quantity(opts.pue, "pue")
+    if pue < 1:  # PUE = facility energy / IT equipment energy (The Green Grid): never below 1
+        raise MinillamaError(f"--pue must be >= 1 (facility power / IT power), got {opts.pue}")
     grid = parse_quantity(opts.grid_kgco2_per_kwh, "grid_kgco2_per_kwh", allow_zero=True)
     if power_w is None:
         return _Section(dict(power_w=power_w, pue=pue, grid_kgco2_per_kwh=grid, energy_mwh=None, co2_tonnes=None),

@@ -19,6 +19,7 @@ import torch
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
+from minillama.files import make_dir
 from minillama.model import Transformer
 from minillama.runtime import autocast_context, resolve_device, retain_freed_memory
 from minillama.train import checkpointing
@@ -222,7 +223,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         if latest is None:
             raise MinillamaError(f"--resume: no checkpoint in {out_dir} (looked for step-NNNNNNN directories)")
         saved = checkpointing.load_training_state(latest, run)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)  # a file in the way is one line of error, not a traceback
 
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
     if tcfg.batch_size % dist.world_size:
