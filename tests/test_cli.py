@@ -13,13 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from minillama import ModelConfig, Transformer, save
 from minillama.cli import main
-from minillama.tokenizer import train_bpe_from_texts
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 ERROR_ROWS = [
     # top level and presets
@@ -127,25 +122,13 @@ ERROR_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def paths(tmp_path_factory):
-    """The files the rows name, made once; minillama's cache in a directory of its own."""
+def paths(cli_inputs, tmp_path_factory) -> dict[str, Path]:
+    """The files the rows name: conftest's `cli_inputs`, a file that is not UTF-8, a directory, a missing path."""
     root = tmp_path_factory.mktemp("cli")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINILLAMA_CACHE", str(root / "cache"))
-        text = root / "text.txt"
-        text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20_000], encoding="utf-8")
-        binary = root / "binary.txt"
-        binary.write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
-        tokenizer = train_bpe_from_texts([text.read_text()], 300, root / "tokenizer")
-        torch.manual_seed(0)
-        cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden_dim=64, vocab_size=300,
-                          max_seq_len=64)
-        save(Transformer(cfg), tokenizer, root / "checkpoint")
-        assert main(["data", "prepare", "--input", str(text), "--tokenizer", str(root / "tokenizer"), "--out",
-                     str(root / "data"), "--no-progress"]) == 0
-        (root / "dir").mkdir()
-        yield dict(text=text, binary=binary, dir=root / "dir", tokenizer=root / "tokenizer",
-                   checkpoint=root / "checkpoint", data=root / "data", missing=root / "missing", cache=root / "cache")
+    binary = root / "binary.txt"
+    binary.write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
+    (root / "dir").mkdir()
+    return dict(cli_inputs, binary=binary, dir=root / "dir", missing=root / "missing")
 
 
 def fill(command: str, paths: dict) -> list[str]:

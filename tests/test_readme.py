@@ -15,16 +15,11 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
-from minillama import ModelConfig, Transformer, save
 from minillama.cli import build_parser, main
 from minillama.tasks import TASK_DIR
-from minillama.tokenizer import train_bpe_from_texts
 
-ROOT = Path(__file__).resolve().parents[1]
-README = ROOT / "README.md"
-SHARED = ROOT.parent / "shared" / "data"
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 RUN = {("presets",), ("tokenizer", "train"), ("tokenizer", "encode"), ("tokenizer", "decode"), ("data", "prepare"),
        ("data", "inspect"), ("eval",), ("generate",), ("plan",)}
@@ -95,24 +90,11 @@ def parser_of(path: tuple[str, ...]) -> argparse.ArgumentParser:
 
 
 @pytest.fixture(scope="module")
-def fixtures(tmp_path_factory) -> dict[str, str]:
-    """A text, a BPE tokenizer, a checkpoint (context 64) and prepared data; data.toml in the working directory."""
-    root = tmp_path_factory.mktemp("readme")
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("MINILLAMA_CACHE", str(root / "cache"))
-        text = root / "text.txt"
-        text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20_000], encoding="utf-8")
-        tokenizer = train_bpe_from_texts([text.read_text()], 300, root / "tokenizer")
-        torch.manual_seed(0)
-        cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden_dim=64, vocab_size=300,
-                          max_seq_len=64)
-        save(Transformer(cfg), tokenizer, root / "checkpoint")
-        assert main(["data", "prepare", "--input", str(text), "--tokenizer", str(root / "tokenizer"), "--out",
-                     str(root / "data"), "--no-progress"]) == 0
-    (root / "cwd").mkdir()
-    (root / "cwd" / "data.toml").write_text(f'[data]\n[[data.sources]]\nname = "text"\npath = "{text}"\n')
-    return dict(root=str(root), text=str(text), tokenizer=str(root / "tokenizer"), checkpoint=str(root / "checkpoint"),
-                data=str(root / "data"), task=str(TASK_DIR / "arithmetic.jsonl"))
+def fixtures(cli_inputs, tmp_path_factory) -> dict[str, str]:
+    """conftest's `cli_inputs`, a shipped task file, and a working directory holding README's data.toml."""
+    cwd = tmp_path_factory.mktemp("readme")
+    (cwd / "data.toml").write_text(f'[data]\n[[data.sources]]\nname = "text"\npath = "{cli_inputs["text"]}"\n')
+    return {**{k: str(v) for k, v in cli_inputs.items()}, "cwd": str(cwd), "task": str(TASK_DIR / "arithmetic.jsonl")}
 
 
 @pytest.mark.parametrize("command, path, rest", CASES, ids=[f"{c} [{' '.join(p)}]" for c, p, _ in CASES])
@@ -135,8 +117,8 @@ def test_readme_command(command, path, rest, fixtures, tmp_path, monkeypatch, ca
     if path not in RUN:
         return
 
-    monkeypatch.setenv("MINILLAMA_CACHE", str(Path(fixtures["root"]) / "cache"))
-    monkeypatch.chdir(Path(fixtures["root"]) / "cwd")  # where data.toml is
+    monkeypatch.setenv("MINILLAMA_CACHE", fixtures["cache"])
+    monkeypatch.chdir(fixtures["cwd"])  # where data.toml is
     values = dict(fixtures, out=str(tmp_path / "out"))
     positionals = list(POSITIONALS.get(path, []))
     argv = []
