@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import typing
 
 from minillama.errors import MinillamaError
 
@@ -245,7 +246,7 @@ def run_train(args: argparse.Namespace) -> None:
     print(summary)
     if result.checkpoint is not None:
         print(f"checkpoint: {result.checkpoint}")
-        if not result.stopped_by_signal:
+        if not result.stopped_by_signal and run.train.sample_tokens:
             print("sample:")
             print(sample_checkpoint(result.checkpoint, run.train.sample_prompt, run.train.sample_tokens,
                                     seed=run.train.seed))
@@ -439,8 +440,19 @@ def run_plan(args: argparse.Namespace) -> None:
         print(format_explain(plan))
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with its errors in minillama's form: one line on stderr, exit code 2. argparse would print the
+    usage first and name the sub-command instead of `minillama:`; the usage is one `--help` away, named in the
+    line. Sub-parsers are made of the same class (add_subparsers' default parser_class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        command = self.prog.removeprefix("minillama").strip()
+        where = f"{command}: " if command else ""
+        self.exit(2, f"minillama: error: {where}{message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="minillama", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="minillama", description=__doc__.splitlines()[0])
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command")
     for add in (add_presets_commands, add_tokenizer_commands, add_data_commands, add_train_commands,
@@ -452,7 +464,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a parse error (2, reported above): a return value, as for the rest
+        return exc.code if isinstance(exc.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 0

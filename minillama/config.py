@@ -258,6 +258,8 @@ def read_toml(path: str | Path) -> dict[str, Any]:
             return tomllib.load(f)
     except FileNotFoundError:
         raise MinillamaError(f"config file not found: {path}") from None
+    except OSError as exc:  # a directory, no permission, ...
+        raise MinillamaError(f"cannot read config file {path}: {exc.strerror}") from None
     except tomllib.TOMLDecodeError as exc:
         raise MinillamaError(f"{path}: invalid TOML: {exc}") from None
 

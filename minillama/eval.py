@@ -71,9 +71,21 @@ def text_windows(ids: list[int], seq_len: int, batch_size: int):
             yield stacked[:, :-1], stacked[:, 1:]
 
 
+def window_length(model, seq_len: int | None, batch_size: int) -> int:
+    """The evaluation window: `seq_len`, or the model's context when None. A window longer than the context (or
+    empty), or a batch of fewer than one window, is a MinillamaError naming the value."""
+    context = model.cfg.max_seq_len
+    seq_len = context if seq_len is None else seq_len
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= context:
+        raise MinillamaError(f"seq_len {seq_len!r} must be in 1..{context} (the model's context)")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise MinillamaError(f"batch_size must be a positive integer, got {batch_size!r}")
+    return seq_len
+
+
 def evaluate_text(model, tokenizer, text: str, seq_len: int | None = None, batch_size: int = 8,
                   dtype: str = "bf16") -> EvalResult:
-    seq_len = seq_len or model.cfg.max_seq_len
+    seq_len = window_length(model, seq_len, batch_size)
     ids = tokenizer.encode(text, bos=True, eos=True)
     device = next(model.parameters()).device
     nats, tokens = evaluate_loss(model, text_windows(ids, seq_len, batch_size), device, dtype)
@@ -84,7 +96,7 @@ def evaluate_prepared(model, data_dir: Path, seq_len: int | None = None, batch_s
                       dtype: str = "bf16", max_tokens: int | None = None) -> EvalResult:
     from minillama.data import MixtureLoader
 
-    seq_len = seq_len or model.cfg.max_seq_len
+    seq_len = window_length(model, seq_len, batch_size)
     loader = MixtureLoader(data_dir, seq_len=seq_len, batch_size=batch_size, seed=0, split="val")
     device = next(model.parameters()).device
     max_batches = None if max_tokens is None else max(1, max_tokens // (batch_size * seq_len))

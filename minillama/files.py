@@ -31,6 +31,17 @@ def cache_dir() -> Path:
     return Path(base) / "minillama"
 
 
+def make_dir(directory: str | Path) -> Path:
+    """`directory` and its parents, created if missing; a path that cannot be a directory (a file is there, no
+    permission) is a MinillamaError naming it."""
+    directory = Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MinillamaError(f"cannot create directory {directory}: {exc.strerror}") from None
+    return directory
+
+
 def fsync_directory(path: str | Path) -> None:
     """fsync a directory, which makes the names created or renamed in it durable (files alone are not)."""
     fd = os.open(path, os.O_RDONLY)
@@ -45,12 +56,12 @@ def fsync_directory(path: str | Path) -> None:
 # --------------------------------------------------------------------------------------------------------------
 def read_json(path: str | Path, missing: str | None = None) -> Any:
     """The JSON value in `path`; text that is not JSON (or not UTF-8) is a MinillamaError naming the file. A
-    missing file raises MinillamaError(`missing`) when `missing` says what its absence means, else
-    FileNotFoundError."""
+    missing file (or a file where one of the path's directories should be) raises MinillamaError(`missing`) when
+    `missing` says what its absence means, else FileNotFoundError (NotADirectoryError)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # the latter: a file where a directory of the path should be
         if missing is None:
             raise
         raise MinillamaError(missing) from None
@@ -74,15 +85,18 @@ def _create_sibling(path: Path, prefix: str, create: Callable[[Path], Any]) -> t
             continue
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    """Replace `path` with `text` (UTF-8): readers see the old content or the new, never a mix or a stub."""
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """A temporary sibling of `path` to write by any means (a library that takes a file name); when the block ends
+    without an error it is fsynced and renamed over `path`, otherwise deleted. Readers see the old file or the
+    new one, never a stub."""
     path = Path(path)
     tmp, fd = _create_sibling(path, f".{path.name}.tmp-",
                               lambda p: os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
@@ -90,6 +104,12 @@ def atomic_write_text(path: str | Path, text: str) -> None:
             os.unlink(tmp)
         raise
     fsync_directory(path.parent)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Replace `path` with `text` (UTF-8): readers see the old content or the new, never a mix or a stub."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
 
 
 def atomic_write_json(path: str | Path, value: Any, *, indent: int = 2) -> None:
@@ -201,5 +221,5 @@ def atomic_directory(directory: str | Path) -> Iterator[Path]:
         raise
 
 
-__all__ = ["cache_dir", "read_json", "atomic_write_text", "atomic_write_json", "atomic_directory", "aside_path",
-           "fsync_directory"]
+__all__ = ["cache_dir", "make_dir", "read_json", "atomic_write_text", "atomic_write_json", "atomic_directory",
+           "aside_path", "fsync_directory"]

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from minillama.errors import MinillamaError
+from minillama.files import make_dir
 
 # --------------------------------------------------------------------------------------------------------------
 # The interface
@@ -174,7 +175,7 @@ class HuggingFaceTokenizer(Tokenizer):
         return self._tok.token_to_id(token)
 
     def save(self, directory: str | Path) -> Path:
-        directory = _make_dir(directory)
+        directory = make_dir(directory)
         self._tok.save(str(directory / "tokenizer.json"))
         # tokenizer_config.json makes `transformers.AutoTokenizer.from_pretrained(directory)` give our ids:
         # split_special_tokens is transformers' name for "text is text", and clean-up would alter decoded spaces.
@@ -240,7 +241,7 @@ class SentencePieceTokenizer(Tokenizer):
         return token_id if self._sp.id_to_piece(token_id) == token else None
 
     def save(self, directory: str | Path) -> Path:
-        directory = _make_dir(directory)
+        directory = make_dir(directory)
         (directory / "tokenizer.model").write_bytes(self._proto)
         return directory
 
@@ -386,7 +387,7 @@ class TiktokenTokenizer(Tokenizer):
         return self._ranks.get(token.encode())
 
     def save(self, directory: str | Path) -> Path:
-        directory = _make_dir(directory)
+        directory = make_dir(directory)
         (directory / "tokenizer.model").write_bytes(self.rank_file_bytes())
         return directory
 
@@ -453,15 +454,6 @@ def _token_content(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _make_dir(directory: str | Path) -> Path:
-    directory = Path(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MinillamaError(f"cannot create directory {directory}: {exc.strerror}") from None
-    return directory
-
-
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
@@ -497,7 +489,7 @@ def train_bpe(paths: str | Path | Sequence[str | Path], vocab_size: int, out_dir
     paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
     if not paths:
         raise MinillamaError("train_bpe needs at least one input file")
-    _check_vocab_size(vocab_size)
+    _check_training_args(vocab_size, min_frequency)
     total_bytes = sum(_file_size(p) for p in paths)
     if show_progress is None:
         show_progress = total_bytes >= PROGRESS_MIN_BYTES
@@ -509,16 +501,18 @@ def train_bpe(paths: str | Path | Sequence[str | Path], vocab_size: int, out_dir
 def train_bpe_from_texts(texts: Iterable[str], vocab_size: int, out_dir: str | Path | None = None, *,
                          min_frequency: int = 2, show_progress: bool = False) -> HuggingFaceTokenizer:
     """`train_bpe` on strings rather than files (sources with no file of their own, such as `python:docs`)."""
-    _check_vocab_size(vocab_size)
+    _check_training_args(vocab_size, min_frequency)
     return _train(lambda tok, trainer: tok.train_from_iterator(texts, trainer), vocab_size, out_dir,
                   min_frequency, show_progress)
 
 
-def _check_vocab_size(vocab_size: int) -> None:
+def _check_training_args(vocab_size: int, min_frequency: int) -> None:
     min_vocab = 256 + len(BPE_SPECIAL_TOKENS)
     if vocab_size < min_vocab:
         raise MinillamaError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least {min_vocab} "
                              f"(256 bytes + {len(BPE_SPECIAL_TOKENS)} special tokens)")
+    if min_frequency < 1:  # the Rust trainer takes an unsigned count: a negative one is an OverflowError
+        raise MinillamaError(f"min_frequency={min_frequency} must be at least 1 (merge pairs seen that often)")
 
 
 def _train(run_trainer: Callable[[Any, Any], None], vocab_size: int, out_dir: str | Path | None, min_frequency: int,

@@ -1,4 +1,5 @@
-"""Fixtures shared by the evaluation tests (test_tasks.py, test_lm_eval.py)."""
+"""Fixtures shared by the evaluation tests (test_tasks.py, test_lm_eval.py) and the command-line tests
+(test_cli.py, test_readme.py)."""
 
 from pathlib import Path
 
@@ -10,6 +11,7 @@ from minillama.tasks import TASK_DIR
 from minillama.tokenizer import train_bpe_from_texts
 
 EVAL_DATA = Path(__file__).resolve().parent / "data" / "lm_eval"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
 @pytest.fixture(scope="session")
@@ -32,3 +34,26 @@ def tiny_model(tiny_checkpoint):
     from minillama.checkpoint import load
 
     return load(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def cli_inputs(tmp_path_factory) -> dict[str, Path]:
+    """What command lines run on: `text` (20 kB of Shakespeare), a BPE `tokenizer` of 300 tokens trained on it,
+    a random `checkpoint` with that tokenizer and a 64-token context, the text prepared as `data`, and the
+    minillama `cache` they were made with."""
+    from minillama.cli import main
+
+    root = tmp_path_factory.mktemp("cli_inputs")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MINILLAMA_CACHE", str(root / "cache"))
+        text = root / "text.txt"
+        text.write_text((SHARED / "tinyshakespeare.txt").read_text()[:20_000], encoding="utf-8")
+        tokenizer = train_bpe_from_texts([text.read_text()], 300, root / "tokenizer")
+        torch.manual_seed(0)
+        cfg = ModelConfig(dim=32, n_layers=1, n_heads=2, n_kv_heads=1, ffn_hidden_dim=64, vocab_size=300,
+                          max_seq_len=64)
+        save(Transformer(cfg), tokenizer, root / "checkpoint")
+        assert main(["data", "prepare", "--input", str(text), "--tokenizer", str(root / "tokenizer"), "--out",
+                     str(root / "data"), "--no-progress"]) == 0
+    return dict(text=text, tokenizer=root / "tokenizer", checkpoint=root / "checkpoint", data=root / "data",
+                cache=root / "cache")

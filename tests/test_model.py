@@ -22,6 +22,29 @@ EXACT_COUNTS = {
     "llama3.2-3b": 3_212_749_824,
 }
 
+# Our ladder, counted by hand from its shapes: C dim, L layers, H heads, K key/value heads, D = C/H head dim,
+# F SwiGLU width, V vocabulary. Embedding V*C (tied: counted once); per layer the two norms 2C, wq C*H*D, wk and
+# wv 2*C*K*D, wo H*D*C, SwiGLU w1, w2, w3 3*C*F; the final norm C; an untied output V*C.
+LADDER_COUNTS = {
+    # C=128 L=4 H=4 K=2 D=32 F=384 V=2048, tied: 262,144 + 4 x (256 + 16,384 + 16,384 + 16,384 + 147,456) + 128
+    "tiny": 1_049_728,
+    # C=384 L=8 H=6 K=2 D=64 F=1024 V=8192, tied: 3,145,728 + 8 x (768 + 147,456 + 98,304 + 147,456 + 1,179,648)
+    # + 384
+    "15m": 15_735_168,
+    # C=512 L=10 H=8 K=4 D=64 F=1536 V=32000, tied: 16,384,000 + 10 x (1,024 + 262,144 + 262,144 + 262,144
+    # + 2,359,296) + 512
+    "50m": 47_852_032,
+    # C=768 L=16 H=12 K=4 D=64 F=2048 V=32000, tied: 24,576,000 + 16 x (1,536 + 589,824 + 393,216 + 589,824
+    # + 4,718,592) + 768
+    "125m": 125_264_640,
+    # C=1024 L=24 H=16 K=8 D=64 F=3072 V=32000, tied: 32,768,000 + 24 x (2,048 + 1,048,576 + 1,048,576
+    # + 1,048,576 + 9,437,184) + 1,024
+    "350m": 334_808_064,
+    # C=2048 L=22 H=32 K=4 D=64 F=5632 V=32000, untied: 65,536,000 + 22 x (4,096 + 4,194,304 + 1,048,576
+    # + 4,194,304 + 34,603,008) + 2,048 + 65,536,000; TinyLlama-1.1B's published 1,100,048,384
+    "1b": 1_100_048_384,
+}
+
 
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_every_preset_builds_on_meta_device(name):
@@ -31,15 +54,15 @@ def test_every_preset_builds_on_meta_device(name):
     assert all(p.device.type == "meta" for p in model.parameters())
     count = model.num_params()
     assert count == count_parameters(cfg)
-    if name in EXACT_COUNTS:
-        assert count == EXACT_COUNTS[name]
+    assert count == {**EXACT_COUNTS, **LADDER_COUNTS}[name]
 
 
-def test_ladder_sizes_match_their_names():
-    expected = {"tiny": 1e6, "15m": 15e6, "50m": 50e6, "125m": 125e6, "350m": 350e6, "1b": 1.1e9}
-    for name, target in expected.items():
-        count = count_parameters(ModelConfig.from_preset(name))
-        assert 0.8 * target <= count <= 1.2 * target, (name, count)
+def test_every_preset_has_a_golden_count_and_ladder_names_match_sizes():
+    assert set(EXACT_COUNTS) | set(LADDER_COUNTS) == set(PRESETS)  # a new preset comes with its count
+    named = {"tiny": 1e6, "15m": 15e6, "50m": 50e6, "125m": 125e6, "350m": 350e6, "1b": 1.1e9}
+    assert set(named) == set(LADDER_COUNTS)
+    for name, target in named.items():
+        assert 0.8 * target <= LADDER_COUNTS[name] <= 1.2 * target, name
 
 
 def test_meta_model_materialises_with_init_weights():
@@ -192,7 +215,7 @@ def test_presets_command_table_and_json(capsys):
     rows = json.loads(capsys.readouterr().out)
     by_name = {row["name"]: row for row in rows}
     assert set(by_name) == set(PRESETS)
-    assert all(by_name[name]["params"] == count for name, count in EXACT_COUNTS.items())
+    assert all(by_name[name]["params"] == count for name, count in {**EXACT_COUNTS, **LADDER_COUNTS}.items())
     assert main(["presets"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["name", "params", "layers", "dim", "heads", "kv_heads", "ffn", "vocab", "context"]

@@ -32,6 +32,7 @@ import torch
 
 from minillama.checkpoint import load
 from minillama.errors import MinillamaError
+from minillama.files import atomic_file
 from minillama.interop.meta import hf_to_meta_rotary
 from minillama.model import Transformer, rope_inverse_frequencies
 from minillama.tokenizer import (
@@ -356,28 +357,21 @@ def write_gguf(model: Transformer, tokenizer: Tokenizer, out: str | Path, dtype:
     out = Path(out)
     _check_out(out)
     vocab = gguf_vocab(tokenizer, model.cfg.vocab_size)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    writer = gguf.GGUFWriter(tmp, "llama")
     try:
-        _add_metadata(writer, model, tokenizer, vocab, name, dtype)
-        for tensor_name, tensor in gguf_tensors(model).items():
-            data, qtype = _encode(tensor_name, tensor.numpy(), dtype)
-            writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-            writer.flush()
-            for f in writer.fout:
-                os.fsync(f.fileno())
-        except OSError as exc:
-            raise MinillamaError(f"cannot write {out}: {exc.strerror or exc}") from None
-        finally:
-            writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        with atomic_file(out) as tmp:
+            writer = gguf.GGUFWriter(tmp, "llama")
+            try:
+                _add_metadata(writer, model, tokenizer, vocab, name, dtype)
+                for tensor_name, tensor in gguf_tensors(model).items():
+                    data, qtype = _encode(tensor_name, tensor.numpy(), dtype)
+                    writer.add_tensor(tensor_name, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
+                writer.write_header_to_file()
+                writer.write_kv_data_to_file()
+                writer.write_tensors_to_file()
+            finally:
+                writer.close()
+    except OSError as exc:
+        raise MinillamaError(f"cannot write {out}: {exc.strerror or exc}") from None
     return out
 
 

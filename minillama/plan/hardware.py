@@ -5,9 +5,11 @@ one), and no LLaMA-style training uses it. `bf16` is the 16-bit matmul peak with
 which has no bf16); `fp32` is the plain (non-tensor-core, non-TF32) fp32 peak. Memory capacities are the
 datasheet's "GB" read as GiB (2^30 bytes): that is what nvidia-smi / rocm-smi report for these parts.
 
-`cpu` is not a table row but a measurement: a matmul probe run once per machine (bf16 and fp32), cached as JSON
-under $XDG_CACHE_HOME/minillama (default ~/.cache/minillama). Its "peak" is the best achieved matmul rate, which
-is the honest ceiling for MFU on a CPU.
+`cpu` is not a table row but a measurement: a matmul probe (bf16 and fp32) cached as JSON in minillama's cache
+directory (files.cache_dir). Its "peak" is the best achieved matmul rate, which is the honest ceiling for MFU on a
+CPU. One probe taken while the machine was busy would read low and make every MFU after it read high, so the
+peak is the best of several probes from different processes (CPU_PROBES_KEPT), each dropped after
+CPU_PROBE_MAX_AGE_S and taken again.
 """
 
 from __future__ import annotations
@@ -175,9 +177,52 @@ def _measure_copy_bandwidth(nbytes: int = 256 * 2**20) -> float:
     return best
 
 
+CPU_PROBES_KEPT = 3  # the peak is the best of up to this many probes, each taken by a different process
+CPU_PROBE_MAX_AGE_S = 30 * 86400  # a probe older than this is dropped: the next process probes again
+_PROBE_FIELDS = ("peak_flops_bf16", "peak_flops_fp32", "bandwidth_bytes_per_s")
+_probed_this_process: dict[str, dict] = {}  # cache key -> the probe this process took (one per process)
+
+
+def _now() -> float:
+    """Seconds since the epoch: when a probe is taken and how old the stored ones are (tests fake it)."""
+    return time.time()
+
+
+def _stored_probes(entry: object, now: float) -> list[dict]:
+    """The well-formed probes of one cache entry that are younger than CPU_PROBE_MAX_AGE_S, oldest first. An
+    entry in the old one-probe format (no timestamps) has none, so it is probed again."""
+    probes = entry.get("probes") if isinstance(entry, dict) else None
+    if not isinstance(probes, list):
+        return []
+    fresh = [p for p in probes if isinstance(p, dict)
+             and all(isinstance(p.get(k), (int, float)) for k in ("time", *_PROBE_FIELDS))
+             and now - p["time"] < CPU_PROBE_MAX_AGE_S]
+    return sorted(fresh, key=lambda p: p["time"])
+
+
+def _probe(now: float) -> dict:
+    import torch
+
+    return dict(time=now, peak_flops_bf16=_measure_matmul_flops(torch.bfloat16),
+                peak_flops_fp32=_measure_matmul_flops(torch.float32), bandwidth_bytes_per_s=_measure_copy_bandwidth())
+
+
+def _probe_note(probes: list[dict], path: Path) -> str:
+    """Which probes the figures come from, for the Hardware row's `source` (and so the trainer's metrics)."""
+    def when(probe: dict) -> str:
+        return time.strftime("%Y-%m-%d %H:%M", time.gmtime(probe["time"]))
+
+    best = {k: max(probes, key=lambda p: p[k]) for k in ("peak_flops_bf16", "peak_flops_fp32")}
+    return (f"best of {len(probes)} matmul probe(s) taken {', '.join(map(when, probes))} UTC (bf16 peak from "
+            f"{when(best['peak_flops_bf16'])}, fp32 from {when(best['peak_flops_fp32'])}; up to {CPU_PROBES_KEPT} "
+            f"kept {CPU_PROBE_MAX_AGE_S // 86400} days each) in {path}")
+
+
 def measured_cpu(refresh: bool = False) -> Hardware:
-    """This machine's CPU as a Hardware row: matmul peaks (bf16, fp32) and copy bandwidth from a probe that runs
-    once (about a second) and is cached per CPU model, thread count and torch version. TDP is unknown (None)."""
+    """This machine's CPU as a Hardware row: matmul peaks (bf16, fp32) and copy bandwidth, the best of the cached
+    probes for this CPU model, thread count and torch version. A process probes (about three seconds) at most
+    once, and only while fewer than CPU_PROBES_KEPT probes younger than CPU_PROBE_MAX_AGE_S are stored;
+    `refresh` drops the stored ones and probes now. TDP is unknown (None)."""
     import torch
 
     key = f"{cpu_model_name()}|threads={torch.get_num_threads()}|torch={torch.__version__}"
@@ -188,38 +233,48 @@ def measured_cpu(refresh: bool = False) -> Hardware:
             cached = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             cached = {}
-    if refresh or key not in cached:
-        cached[key] = dict(peak_flops_bf16=_measure_matmul_flops(torch.bfloat16),
-                           peak_flops_fp32=_measure_matmul_flops(torch.float32),
-                           bandwidth_bytes_per_s=_measure_copy_bandwidth())
+        cached = cached if isinstance(cached, dict) else {}
+    now = _now()
+    probes = [] if refresh else _stored_probes(cached.get(key), now)
+    mine = _probed_this_process.get(key)
+    if refresh or (mine is None and len(probes) < CPU_PROBES_KEPT):
+        mine = _probed_this_process[key] = _probe(now)
+        probes = [*probes, mine][-CPU_PROBES_KEPT:]
+        cached[key] = {"probes": probes}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             atomic_write_json(path, cached)  # two processes probing at once must not leave half a file
         except OSError:
             pass  # a read-only home still gets a (re-measured) answer
-    probe = cached[key]
+    elif mine is not None and mine not in probes:  # this process's probe, which an unwritable cache did not keep
+        probes.append(mine)
+    peak = {k: max(p[k] for p in probes) for k in _PROBE_FIELDS}
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     return Hardware("cpu", f"{cpu_model_name()} ({torch.get_num_threads()} threads, measured)",
-                    probe["peak_flops_bf16"], probe["peak_flops_fp32"], memory, probe["bandwidth_bytes_per_s"],
-                    None, f"matmul probe cached in {path}")
+                    peak["peak_flops_bf16"], peak["peak_flops_fp32"], memory, peak["bandwidth_bytes_per_s"],
+                    None, _probe_note(probes, path))
 
 
 def hardware_dict(hw: Hardware) -> dict:
     return asdict(hw)
 
 
-
+def device_peak(device: object, dtype: str = "bf16") -> tuple[float | None, str]:
+    """(peak FLOP/s, where it comes from) of the torch device a run uses, for the trainer's MFU: the table row
+    of its GPU, or the measured CPU. `dtype` is the trainer's ("bf16" autocast or "fp32"). The peak is None for
+    an accelerator not in the table (MFU is then not reported), and the second item says why."""
+    try:
+        hw = get_hardware(detect_hardware(device))
+    except MinillamaError as exc:
+        return None, str(exc)
+    return hw.peak_flops("fp32" if dtype == "fp32" else "bf16"), f"{hw.description}: {hw.source}"
 
 
 def device_peak_flops(device: object, dtype: str = "bf16") -> float | None:
-    """Peak FLOP/s of the torch device a run uses, for the trainer's MFU: the table row of its GPU, or the
-    measured CPU. `dtype` is the trainer's ("bf16" autocast or "fp32"). None for an accelerator not in the
-    table (MFU is then not reported)."""
-    try:
-        return peak_flops(detect_hardware(device), "fp32" if dtype == "fp32" else "bf16")
-    except MinillamaError:
-        return None
+    """`device_peak`'s peak FLOP/s alone."""
+    return device_peak(device, dtype)[0]
 
 
-__all__ = ["Hardware", "GPUS", "KNOWN_HARDWARE", "get_hardware", "peak_flops", "detect_hardware", "device_peak_flops",
-           "measured_cpu", "cpu_model_name", "hardware_dict"]
+__all__ = ["Hardware", "GPUS", "KNOWN_HARDWARE", "get_hardware", "peak_flops", "detect_hardware", "device_peak",
+           "device_peak_flops", "measured_cpu", "CPU_PROBES_KEPT", "CPU_PROBE_MAX_AGE_S", "cpu_model_name",
+           "hardware_dict"]

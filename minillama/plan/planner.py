@@ -179,7 +179,7 @@ PLAN_KEYS = (
     "tokens_source", "flops_6nd", "flops", "flops_per_token", "flops_basis", "chinchilla_tokens",
     "chinchilla_tokens_table3", "tokens_per_param", "compute_optimal_multiple", "loss_chinchilla", "loss_epoch",
     "gpu", "gpu_description", "gpu_memory_bytes", "gpus", "dp", "tp", "pp", "zero", "precision",
-    "activation_checkpointing", "micro_batch", "batch_tokens", "grad_accum", "peak_flops_per_s",
+    "activation_checkpointing", "micro_batch", "batch_tokens", "grad_accum", "peak_flops_per_s", "peak_flops_source",
     "achieved_flops_per_s_per_gpu", "mfu", "tokens_per_s_per_gpu", "days", "gpu_hours", "flops_from_gpu_hours",
     "price_per_gpu_hour", "cost_usd", "power_w", "pue", "grid_kgco2_per_kwh", "energy_mwh", "co2_tonnes",
     "train_memory_bytes", "fits", "min_gpus_train", "dtype", "context", "batch", "weights_bytes",
@@ -407,8 +407,8 @@ def _throughput_section(opts: PlanOptions, hw: Hardware, precision: str, basis_f
         explain.append(f"tokens/s/GPU = {num(achieved)} / {num(basis_flops_per_token)} FLOPs per token "
                        f"({opts.flops_basis}) = {tokens_per_s:.4g}")
     return _Section(dict(gpu=hw.name, gpu_description=hw.description, gpu_memory_bytes=hw.memory_bytes,
-                        peak_flops_per_s=peak, achieved_flops_per_s_per_gpu=achieved, mfu=achieved / peak,
-                        tokens_per_s_per_gpu=tokens_per_s), explain)
+                        peak_flops_per_s=peak, peak_flops_source=hw.source, achieved_flops_per_s_per_gpu=achieved,
+                        mfu=achieved / peak, tokens_per_s_per_gpu=tokens_per_s), explain)
 
 
 def _time_and_cost_section(opts: PlanOptions, tokens: float, tokens_per_s_per_gpu: float, achieved: float,
@@ -447,6 +447,8 @@ def _energy_section(opts: PlanOptions, hw: Hardware, gpu_hours: float) -> _Secti
     """Energy and emissions of the GPU-hours, at --power-w (default: the chip's TDP), PUE and grid intensity."""
     power_w = parse_quantity(opts.power_w, "power_w") if opts.power_w is not None else hw.tdp_w
     pue = parse_quantity(opts.pue, "pue")
+    if pue < 1:  # PUE = facility energy / IT equipment energy (The Green Grid): never below 1
+        raise MinillamaError(f"--pue must be >= 1 (facility power / IT power), got {opts.pue}")
     grid = parse_quantity(opts.grid_kgco2_per_kwh, "grid_kgco2_per_kwh", allow_zero=True)
     if power_w is None:
         return _Section(dict(power_w=power_w, pue=pue, grid_kgco2_per_kwh=grid, energy_mwh=None, co2_tonnes=None),
@@ -640,6 +642,7 @@ def _time_and_cost_rows(p: dict[str, Any], ref: _Ref) -> list[_Row]:
     rows.append(("throughput", f"{_figure(p['tokens_per_s_per_gpu'])} tokens/s/GPU, "
                  f"{_sci(p['achieved_flops_per_s_per_gpu'])} FLOP/s/GPU, MFU {p['mfu']:.3g} of peak "
                  f"{_sci(p['peak_flops_per_s'])} ({p['flops_basis']} FLOPs)", ref("mfu")))
+    rows.append(("peak from", p["peak_flops_source"], ""))
     years = p["days"] / costs.DAYS_PER_YEAR
     rows.append(("wall clock", f"{_figure(p['days'], 3)} days" + (f" ({_figure(years)} years)" if years >= 2 else ""),
                  ""))

@@ -44,6 +44,18 @@ class OptimConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
 
+    def __post_init__(self) -> None:
+        # What torch.optim.AdamW rejects with a ValueError (a traceback) and what the schedule cannot use, named by
+        # key. lr = 0 is allowed: a run that must not learn (a baseline, a test that the loss then stays put).
+        checks = [("lr", self.lr >= 0, ">= 0"), ("beta1", 0 <= self.beta1 < 1, "in [0, 1)"),
+                  ("beta2", 0 <= self.beta2 < 1, "in [0, 1)"), ("eps", self.eps > 0, "positive"),
+                  ("weight_decay", self.weight_decay >= 0, ">= 0"), ("grad_clip", self.grad_clip > 0, "positive"),
+                  ("warmup_steps", self.warmup_steps >= 0, ">= 0"),
+                  ("min_lr_ratio", 0 <= self.min_lr_ratio <= 1, "in [0, 1]")]
+        for name, ok, expected in checks:
+            if not ok:
+                raise MinillamaError(f"optim.{name} must be {expected}, got {getattr(self, name)}")
+
 
 @dataclass
 class TrainConfig:
@@ -75,13 +87,15 @@ class TrainConfig:
     # residual dropout). LLaMA uses none; a small corpus seen for many epochs can want it.
     dropout: float = 0.0
     sample_prompt: str = ""
-    sample_tokens: int = 200
+    sample_tokens: int = 200  # the sample `minillama train` prints at the end; 0: none
 
     def __post_init__(self) -> None:
-        for name in ("max_steps", "seq_len", "batch_tokens", "log_every", "eval_every", "save_every",
+        for name in ("max_steps", "seq_len", "batch_tokens", "log_every", "eval_every", "eval_tokens", "save_every",
                      "keep_last", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise MinillamaError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.sample_tokens < 0:
+            raise MinillamaError(f"train.sample_tokens must be >= 0 (0: no sample), got {self.sample_tokens}")
         if self.micro_batch_size < 0:
             raise MinillamaError(f"train.micro_batch_size must be >= 0, got {self.micro_batch_size}")
         if self.batch_tokens % self.seq_len:

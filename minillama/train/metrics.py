@@ -15,10 +15,14 @@ class MetricsLog:
     """Appends one JSON line per logged step to OUT/metrics.jsonl and mirrors scalars to TensorBoard.
 
     On resume the lines after the checkpoint's step are dropped first, so the file reads as one run.
+    `first_record` holds fields written once, into the first record this log writes (e.g. the peak FLOP/s that
+    MFU divides by, and where it comes from).
     """
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
+    def __init__(self, out_dir: Path, resume_step: int | None = None, tensorboard: bool = True,
+                 first_record: dict[str, Any] | None = None) -> None:
         self.path = out_dir / "metrics.jsonl"
+        self.first_record = dict(first_record or {})
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line)["step"] <= resume_step]
@@ -36,6 +40,7 @@ class MetricsLog:
                 self.writer = None
 
     def log(self, record: dict[str, Any]) -> None:
+        record, self.first_record = {**record, **self.first_record}, {}
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.writer is not None:

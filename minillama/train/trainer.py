@@ -19,6 +19,7 @@ import torch
 
 from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
+from minillama.files import make_dir
 from minillama.model import Transformer
 from minillama.runtime import autocast_context, resolve_device, retain_freed_memory
 from minillama.train import checkpointing
@@ -220,7 +221,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     from minillama.data import MixtureLoader
     from minillama.eval import evaluate_loss
     from minillama.plan.flops import flops_per_token
-    from minillama.plan.hardware import device_peak_flops
+    from minillama.plan.hardware import device_peak
     from minillama.train.parallelize import parallelize
     from minillama.train.setup import prepare_run, write_run_record
 
@@ -235,7 +236,7 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         if latest is None:
             raise MinillamaError(f"--resume: no checkpoint in {out_dir} (looked for step-NNNNNNN directories)")
         saved = checkpointing.load_training_state(latest, run, allow_changes)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)  # a file in the way is one line of error, not a traceback
 
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
     if tcfg.batch_size % dist.world_size:
@@ -267,10 +268,11 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     train_model = parallelize(model, dist, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
     train_step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=ocfg.grad_clip,
                            dtype=tcfg.dtype, dist=dist)
-    peak = device_peak_flops(device, tcfg.dtype)  # None for a GPU missing from the table: no MFU then
+    peak, peak_source = device_peak(device, tcfg.dtype)  # None for a GPU missing from the table: no MFU then
     throughput = Throughput(flops_per_token(model_cfg, tcfg.seq_len, training=True) * dist.world_size,
                             peak * dist.world_size if peak else None)
-    log = MetricsLog(out_dir, resume_step=saved["step"] if saved else None) if dist.is_main else None
+    log = MetricsLog(out_dir, resume_step=saved["step"] if saved else None,
+                     first_record=dict(peak_flops=peak, peak_source=peak_source)) if dist.is_main else None
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
 
     state = RunState.start(tcfg, saved)
