@@ -89,6 +89,67 @@ def _proc_status_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+class TensorBytes:
+    """Bytes of tensor storage created while it is active, alive now and at their peak: CUDA's
+    memory_allocated / max_memory_allocated for any device, the CPU included, by watching every op's outputs.
+
+    A TorchDispatchMode sees each op's output tensors; a storage first seen adds its bytes and a weakref
+    finalizer takes them off when it is freed (a storage keeps its Python object while it lives, so the
+    finalizer runs exactly then). Storages that existed before (`exclude`: the weights, buffers, AdamW state)
+    are never counted, even when an in-place op returns them. DTensor outputs count their local shard. What
+    allocates outside the dispatcher (gloo's buffers, the allocator's slack) is not seen: this counts tensors,
+    which is what the planner counts."""
+
+    def __init__(self, exclude: set[int] = frozenset()) -> None:
+        self.exclude, self.live, self.now, self.peak = set(exclude), {}, 0, 0
+
+    @staticmethod
+    def storage_ptrs(tensors) -> set[int]:
+        """Storage addresses of `tensors` (local shards of DTensors): what `exclude` takes."""
+        return {_local(t).untyped_storage().data_ptr() for t in tensors}
+
+    def _free(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr)
+
+    def _seen(self, tensor) -> None:
+        import weakref
+
+        storage = _local(tensor).untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in self.exclude and ptr not in self.live and tensor.device.type != "meta":
+            self.live[ptr] = storage.nbytes()
+            self.now += storage.nbytes()
+            weakref.finalize(storage, self._free, ptr)
+            self.peak = max(self.peak, self.now)
+
+    def __enter__(self) -> TensorBytes:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_flatten(out)[0]:
+                    if isinstance(tensor, torch.Tensor):
+                        tracker._seen(tensor)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+def _local(tensor):
+    """A DTensor's local shard (the memory this rank holds), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
 def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256, seq_len: int | None = None) -> float:
     """Bytes per token autograd saves for one block, by census: (saved with 2 layers - saved with 1 layer),
     leaving out parameters and autocast's weight copies, divided by the tokens.
