@@ -233,3 +233,20 @@ def test_sigkill_of_one_rank_then_resume_is_bit_exact(setup, tmp_path):
                 not (p / "training_state.pt").exists()]  # no half-written checkpoint under a final name
     run_training(setup["config"], out, setup["env"], 2, "--resume", "--set", "train.parallel=fsdp")
     assert read_losses(out) == read_losses(setup["fsdp"])
+
+
+@pytest.mark.parametrize("checkpointing, dtype", [("none", "fp32"), ("selective", "bf16")])
+def test_fsdp_memory_per_rank_is_the_planners_within_15_percent(checkpointing, dtype):
+    """Each of 2 FSDP ranks (the trainer's own sharded model, AdamW and step) peaks within 15% of what
+    `minillama plan --dp 2 --zero 3` gives per GPU, less the sharded weights and AdamW state that exist before
+    the measured step. Measured as the peak of live tensor bytes (benchmarks/plan_vs_measured.py TensorBytes),
+    which leaves out what is not a tensor: gloo's buffers, the allocator's slack, the interpreter."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", ROOT / "benchmarks" / "plan_vs_measured.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rows = bench.run_fsdp(("tiny", 8, 256, 1, checkpointing), dtype, steps=1, ranks=2)
+    assert [row["rank"] for row in rows] == [0, 1] and all(row["world_size"] == 2 for row in rows)
+    for row in rows:
+        assert 0.85 <= row["ratio"] <= 1.15, row

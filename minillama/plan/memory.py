@@ -217,10 +217,14 @@ def training_memory(cfg: ModelConfig | None, params: int, *, micro_batch: int = 
     else:
         working = policy.working_copy * (layers_per_stage * layer_params + head_params / pp) / tp
     tokens = micro_batch * seq_len
-    layer_act = layer_activation_bytes(cfg, precision, activation_checkpointing, attention, seq_len) * tokens / tp
-    backward_extra = block_backward_bytes(cfg, precision, activation_checkpointing, attention, seq_len) * tokens / tp
+    # Our trainer under FSDP gathers its weights in bf16 (MixedPrecisionPolicy, train/parallelize.py): the
+    # activations are a 16-bit model's (no autocast casts, a bf16 residual stream), the states stay as above.
+    act_precision = "pure-bf16" if precision == "bf16" and zero >= 3 else precision
+    layer_act = layer_activation_bytes(cfg, act_precision, activation_checkpointing, attention, seq_len) * tokens / tp
+    backward_extra = block_backward_bytes(cfg, act_precision, activation_checkpointing, attention,
+                                          seq_len) * tokens / tp
     layer_grad = policy.grad * layer_params / tp / (dp if zero >= 2 else 1)
-    head_act = head_activation_bytes(cfg, precision) * tokens / tp
+    head_act = head_activation_bytes(cfg, act_precision) * tokens / tp
     logits_transient = loss_backward_transient_bytes(cfg) * tokens / tp
     head_grad = policy.grad * head_params / tp / (dp if zero >= 2 else 1)
     head_grad_cast = 2 * head_params / tp if policy.autocast else 0.0  # bf16 grad of the weight copy, then fp32
