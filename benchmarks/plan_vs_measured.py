@@ -88,7 +88,7 @@ def attention_kernel(device: str, seq_len: int) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -238,17 +238,17 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
     del warm_model, warm_step
     gc.collect()
     if device == "cpu":
-        rss_before_model_kib = _proc_status_kib("VmRSS")
+        rss_before_model_kib = proc_status_kib("VmRSS")
     model, step, step_name = build_training(cfg, device, dtype, micro_batch, ac)
     gc.collect()
     start = time.perf_counter()
     if device == "cpu":
-        baseline = _proc_status_kib("VmRSS") * 1024
+        baseline = proc_status_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         for _ in range(steps):
             step(inputs, targets)
-        peak = _proc_status_kib("VmHWM") * 1024
+        peak = proc_status_kib("VmHWM") * 1024
         measured = peak - baseline
         planned_figure = plan["total"] - plan["weights"]
         weights_measured = baseline - rss_before_model_kib * 1024

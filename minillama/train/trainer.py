@@ -273,11 +273,12 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         saved = checkpointing.load_training_state(latest, run, allow_changes)
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    # Rank 0 trains the tokenizer and tokenizes the data into the cache first; the other ranks then find it there.
-    if not dist.is_main:
+    # One process per node (local rank 0) trains the tokenizer and tokenizes the data into its cache first; the
+    # node's other ranks then find it there. Every rank passes the one barrier once.
+    if dist.local_rank != 0:
         dist.barrier()
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
-    if dist.is_main:
+    if dist.local_rank == 0:
         dist.barrier()
     if tcfg.batch_size % dist.world_size:
         raise MinillamaError(f"train.batch_tokens/seq_len = {tcfg.batch_size} sequences is not divisible by "
