@@ -1,7 +1,7 @@
 """Tokens/s, MFU and peak memory of minillama's training step on one GPU, against the planner's memory.
 
     python benchmarks/gpu_mfu.py                                        # CUDA: 125m, 350m, 1b x none/selective/full
-    python benchmarks/gpu_mfu.py --presets 1b,125m --checkpointing none  # the two rows with targets, ~3 minutes
+    python benchmarks/gpu_mfu.py --presets 1b,125m --checkpointing none  # the two rows with targets
     python benchmarks/gpu_mfu.py --device cpu --preset tiny --seq-len 128 --steps 2   # the form CI runs
 
 One step is what `minillama train` runs per batch (bf16 autocast over fp32 weights, each block and the loss head
