@@ -250,3 +250,25 @@ def test_fsdp_memory_per_rank_is_the_planners_within_15_percent(checkpointing, d
     assert [row["rank"] for row in rows] == [0, 1] and all(row["world_size"] == 2 for row in rows)
     for row in rows:
         assert 0.85 <= row["ratio"] <= 1.15, row
+
+
+def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(setup, tmp_path):
+    """torchrun passes SIGTERM on to its ranks, which may see it at different steps: they agree on the step
+    (a flag summed over ranks after every step), save there together and exit; the checkpoint is the last
+    logged step's, with both ranks' parts."""
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(train_command(setup["config"], out, 2, "--set", "train.parallel=fsdp", "--set",
+                                          "train.max_steps=100000", "--set", "train.save_every=100000",
+                                          "--set", "train.eval_every=100000"),
+                            env=setup["env"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (
+            (out / "metrics.jsonl").exists() and max(read_losses(out), default=0) >= 3):
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=300)  # torchrun itself reports the signal (exit code 1); its ranks exit cleanly
+    (saved,) = out.glob("step-*")
+    assert int(saved.name.split("-")[1]) == max(read_losses(out))
+    assert sorted(p.name for p in (saved / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
+    assert len(list((saved / "sharded").iterdir())) == 2

@@ -187,7 +187,9 @@ def test_dropout_is_reproducible_and_off_in_eval_mode(kernel):
 
 
 @pytest.mark.parametrize("settings, key", [(dict(dropout=1.0), "train.dropout"),
-                                           (dict(attention="flash"), "train.attention")])
+                                           (dict(attention="flash"), "train.attention"),
+                                           (dict(parallel="zero3"), "train.parallel"),
+                                           (dict(activation_checkpointing="some"), "train.activation_checkpointing")])
 def test_bad_train_settings_name_the_key(settings, key):
     from minillama.errors import MinillamaError
     from minillama.train.config import TrainConfig
