@@ -349,6 +349,8 @@ def run_fsdp(run: tuple, dtype: str, steps: int, ranks: int = 2) -> list[dict]:
                "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, "--fsdp-worker",
                json.dumps([preset, micro, seq, ac, dtype, steps, tmp])]
         env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        if sys.platform.startswith("linux"):  # gloo on loopback, whatever the hostname resolves to
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
         if out.returncode != 0:
             raise RuntimeError(f"FSDP worker {run} {dtype} failed:\n{out.stderr[-3000:]}")

@@ -113,6 +113,8 @@ def setup(tmp_path_factory):
     config.write_text(RUN_TOML.format(data=corpus))
     env = dict(os.environ, MINILLAMA_CACHE=str(root / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1",
                PYTHONPATH=str(ROOT))
+    if sys.platform.startswith("linux"):  # gloo on loopback, whatever the container's hostname resolves to
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     runs = {"single": root / "single", "ddp": root / "ddp", "fsdp": root / "fsdp"}
     run_training(config, runs["single"], env)  # also prepares the tokenizer and data in the shared cache
     run_training(config, runs["ddp"], env, 2, "--set", "train.parallel=ddp")
