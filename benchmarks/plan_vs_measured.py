@@ -2,6 +2,7 @@
 
     python benchmarks/plan_vs_measured.py                 # CPU: tiny, 15m, 50m in bf16 autocast and fp32
     python benchmarks/plan_vs_measured.py --device cuda   # GPU: 125m and 1b (bf16)
+    python benchmarks/plan_vs_measured.py --fsdp 2        # FSDP on 2 gloo ranks (CPU): 15m, per rank
 
 Each configuration runs in a fresh subprocess, so nothing one configuration leaves behind (tensors, caches, a
 leak) counts in another's peak. CPU: the worker builds the model, then reads the peak resident set size (VmHWM,
@@ -18,6 +19,11 @@ what made 125m and 1b with full checkpointing read 1.067 and 1.168.
 Each row also takes a census of the tensors autograd saves for one block (saved_tensors_hooks, deduplicated by
 storage) and compares it with the planner's per-layer activation formula, so a mismatch can be traced to the
 activation model (e.g. an attention kernel that keeps the T x T matrix) or to everything else.
+
+FSDP (--fsdp N): torchrun starts N CPU ranks (gloo) that build the trainer's sharded model; each rank reports the
+peak of the tensor bytes its steps create (`TensorBytes`, a census of every op's outputs, since RSS would mix in
+gloo's buffers and the other rank's process), against the planner's per-GPU figure for dp = N, ZeRO-3 less the
+sharded weights and AdamW state that exist before the measured steps.
 
 The training step is the trainer's own (`minillama.train.trainer.TrainStep`: autocast, fp32 cross-entropy,
 backward, clip, fused AdamW, zero_grad(set_to_none)). Results: a table on stdout and JSON in
@@ -42,6 +48,7 @@ CPU_RUNS = [  # (preset, micro-batch, seq_len, accumulation, activation checkpoi
     ("tiny", 8, 256, 1, "none"), ("tiny", 4, 256, 2, "none"), ("15m", 4, 512, 1, "none"),
     ("15m", 4, 512, 1, "full"), ("50m", 2, 1024, 1, "none"),
 ]
+FSDP_RUNS = [("15m", 4, 256, 1, "none"), ("15m", 4, 256, 1, "full")]  # --fsdp N: per rank, CPU, gloo
 CUDA_RUNS = [("125m", 8, 2048, 1, "none"), ("125m", 8, 2048, 1, "full"), ("1b", 4, 2048, 1, "none"),
              ("1b", 4, 2048, 1, "full")]
 
@@ -81,12 +88,73 @@ def attention_kernel(device: str, seq_len: int) -> str:
 # --------------------------------------------------------------------------------------------------------------
 # Measurements
 # --------------------------------------------------------------------------------------------------------------
-def _proc_status_kib(field: str) -> int:
+def proc_status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+class TensorBytes:
+    """Bytes of tensor storage created while it is active, alive now and at their peak: CUDA's
+    memory_allocated / max_memory_allocated for any device, the CPU included, by watching every op's outputs.
+
+    A TorchDispatchMode sees each op's output tensors; a storage first seen adds its bytes and a weakref
+    finalizer takes them off when it is freed (a storage keeps its Python object while it lives, so the
+    finalizer runs exactly then). Storages that existed before (`exclude`: the weights, buffers, AdamW state)
+    are never counted, even when an in-place op returns them. DTensor outputs count their local shard. What
+    allocates outside the dispatcher (gloo's buffers, the allocator's slack) is not seen: this counts tensors,
+    which is what the planner counts."""
+
+    def __init__(self, exclude: set[int] = frozenset()) -> None:
+        self.exclude, self.live, self.now, self.peak = set(exclude), {}, 0, 0
+
+    @staticmethod
+    def storage_ptrs(tensors) -> set[int]:
+        """Storage addresses of `tensors` (local shards of DTensors): what `exclude` takes."""
+        return {_local(t).untyped_storage().data_ptr() for t in tensors}
+
+    def _free(self, ptr: int) -> None:
+        self.now -= self.live.pop(ptr)
+
+    def _seen(self, tensor) -> None:
+        import weakref
+
+        storage = _local(tensor).untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr and ptr not in self.exclude and ptr not in self.live and tensor.device.type != "meta":
+            self.live[ptr] = storage.nbytes()
+            self.now += storage.nbytes()
+            weakref.finalize(storage, self._free, ptr)
+            self.peak = max(self.peak, self.now)
+
+    def __enter__(self) -> TensorBytes:
+        import torch
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for tensor in tree_flatten(out)[0]:
+                    if isinstance(tensor, torch.Tensor):
+                        tracker._seen(tensor)
+                return out
+
+        self.mode = Mode()
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.mode.__exit__(*exc)
+
+
+def _local(tensor):
+    """A DTensor's local shard (the memory this rank holds), or the tensor itself."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def saved_bytes_per_layer(cfg, device: str, dtype: str, tokens: int = 256, seq_len: int | None = None) -> float:
@@ -170,17 +238,17 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
     del warm_model, warm_step
     gc.collect()
     if device == "cpu":
-        rss_before_model_kib = _proc_status_kib("VmRSS")
+        rss_before_model_kib = proc_status_kib("VmRSS")
     model, step, step_name = build_training(cfg, device, dtype, micro_batch, ac)
     gc.collect()
     start = time.perf_counter()
     if device == "cpu":
-        baseline = _proc_status_kib("VmRSS") * 1024
+        baseline = proc_status_kib("VmRSS") * 1024
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM to the current RSS
         for _ in range(steps):
             step(inputs, targets)
-        peak = _proc_status_kib("VmHWM") * 1024
+        peak = proc_status_kib("VmHWM") * 1024
         measured = peak - baseline
         planned_figure = plan["total"] - plan["weights"]
         weights_measured = baseline - rss_before_model_kib * 1024
@@ -210,6 +278,83 @@ def measure(preset: str, micro_batch: int, seq_len: int, accumulation: int, ac: 
                 planned_peak_phase=plan["peak_phase"], census_layer_bytes_per_token=census,
                 planned_layer_bytes_per_token=plan["layer_activation_bytes_per_token"],
                 seconds_per_step=seconds_per_step, torch=torch.__version__)
+
+
+def measure_fsdp_rank(preset: str, micro_batch: int, seq_len: int, ac: str, dtype: str, steps: int) -> dict:
+    """One rank of an FSDP job (started by torchrun, gloo on the CPU): the trainer's own sharded model
+    (`build_parallel_model`), AdamW and `TrainStep`, and the peak of the tensor memory its steps create
+    (`TensorBytes`: the sharded weights existed before and are left out; the gathered weights, activations,
+    gradients and the AdamW state created in the first step are in), against the planner's per-GPU figure for
+    dp = world size, ZeRO-3, less its (sharded) weights part."""
+    import torch
+
+    from minillama.config import ModelConfig
+    from minillama.plan.memory import training_memory
+    from minillama.plan.planner import parameter_counts
+    from minillama.train.config import OptimConfig, TrainConfig
+    from minillama.train.optim import build_optimizer
+    from minillama.train.parallelize import DistributedContext
+    from minillama.train.trainer import TrainStep, build_parallel_model
+
+    dist = DistributedContext.from_environment("cpu")
+    cfg = ModelConfig.from_preset(preset)
+    tcfg = TrainConfig(parallel="fsdp", dtype=dtype, activation_checkpointing=ac, seq_len=seq_len,
+                       batch_tokens=micro_batch * seq_len * dist.world_size, micro_batch_size=micro_batch)
+    model, train_model = build_parallel_model(cfg, tcfg, dist)
+    optimizer = build_optimizer(model, OptimConfig())
+    step = TrainStep(train_model, model, optimizer, micro_batch_size=micro_batch, grad_clip=1.0, dtype=dtype,
+                     dist=dist)
+    data = torch.randint(0, cfg.vocab_size, (micro_batch, seq_len + 1),
+                         generator=torch.Generator().manual_seed(dist.rank))
+    step(data[:, :-1], data[:, 1:])  # warm-up, outside the count: it makes the AdamW state, counted below
+    gc.collect()
+    optimizer_state = [t for per_param in optimizer.state.values() for t in per_param.values()]
+    resident = TensorBytes.storage_ptrs([*model.parameters(), *model.buffers(), *optimizer_state])
+    start = time.perf_counter()
+    with TensorBytes(resident) as tracker:
+        for _ in range(steps):
+            step(data[:, :-1], data[:, 1:])
+    seconds_per_step = (time.perf_counter() - start) / steps
+    kernel = attention_kernel("cpu", seq_len)
+    plan = training_memory(cfg, parameter_counts(cfg)[0], micro_batch=micro_batch, seq_len=seq_len,
+                           precision=dtype, dp=dist.world_size, zero=3, activation_checkpointing=ac,
+                           attention=kernel)
+    planned_figure = plan["total"] - plan["weights"] - plan["optimizer"]
+    dist.close()
+    return dict(preset=preset, device="cpu", dtype=dtype, micro_batch=micro_batch, seq_len=seq_len,
+                accumulation=1, activation_checkpointing=ac, steps=steps, train_step="fsdp", rank=dist.rank,
+                world_size=dist.world_size, attention=kernel, measured_bytes=tracker.peak,
+                planned_bytes=planned_figure, ratio=tracker.peak / planned_figure,
+                what="per-rank peak of tensor bytes (TensorBytes) vs planned total - weights - optimizer "
+                     "(dp = world size, ZeRO-3)",
+                planned_parts={k: plan[k] for k in ("weights", "gradients", "optimizer", "activations",
+                                                    "working_weights", "total")},
+                planned_peak_phase=plan["peak_phase"], census_layer_bytes_per_token=float("nan"),
+                planned_layer_bytes_per_token=float("nan"), seconds_per_step=seconds_per_step,
+                torch=torch.__version__)
+
+
+def run_fsdp(run: tuple, dtype: str, steps: int, ranks: int = 2) -> list[dict]:
+    """`measure_fsdp_rank` on `ranks` CPU processes under torchrun (gloo, a free loopback port): one row per
+    rank."""
+    import socket
+    import tempfile
+
+    preset, micro, seq, _accumulation, ac = run
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", str(ranks),
+               "--master-addr", "127.0.0.1", "--master-port", str(port), __file__, "--fsdp-worker",
+               json.dumps([preset, micro, seq, ac, dtype, steps, tmp])]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+        if sys.platform.startswith("linux"):  # gloo on loopback, whatever the hostname resolves to
+            env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+        if out.returncode != 0:
+            raise RuntimeError(f"FSDP worker {run} {dtype} failed:\n{out.stderr[-3000:]}")
+        return [json.loads(Path(tmp, f"rank-{rank}.json").read_text()) for rank in range(ranks)]
 
 
 def run_subprocess(run: tuple, dtype: str, steps: int, device: str = "cpu") -> dict:
@@ -244,22 +389,35 @@ def main() -> None:
     parser.add_argument("--presets", default=None, help="comma-separated subset of the runs' presets")
     parser.add_argument("--steps", type=int, default=2, help="training steps measured per configuration")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "plan_vs_measured.json"))
+    parser.add_argument("--fsdp", type=int, default=0, metavar="N",
+                        help="instead: FSDP on N gloo ranks (CPU), each rank's peak against the planner's dp=N ZeRO-3")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--fsdp-worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         preset, micro, seq, accum, ac, dtype, steps, device = json.loads(args.worker)
         print(json.dumps(measure(preset, micro, seq, accum, ac, dtype, device, steps)))
         return
+    if args.fsdp_worker:
+        preset, micro, seq, ac, dtype, steps, out_dir = json.loads(args.fsdp_worker)
+        row = measure_fsdp_rank(preset, micro, seq, ac, dtype, steps)
+        Path(out_dir, f"rank-{row['rank']}.json").write_text(json.dumps(row))
+        return
 
-    runs = CPU_RUNS if args.device == "cpu" else CUDA_RUNS
+    runs = FSDP_RUNS if args.fsdp else CPU_RUNS if args.device == "cpu" else CUDA_RUNS
     if args.presets:
         runs = [r for r in runs if r[0] in args.presets.split(",")]
     dtypes = (args.dtypes or ("bf16,fp32" if args.device == "cpu" else "bf16")).split(",")
     rows = []
     for run in runs:
         for dtype in dtypes:
-            row = run_subprocess(run, dtype, args.steps, args.device)
-            rows.append(row)
+            if args.fsdp:
+                ranks = run_fsdp(run, dtype, args.steps, args.fsdp)
+                rows.extend(ranks)
+                row = max(ranks, key=lambda r: abs(r["ratio"] - 1))
+            else:
+                row = run_subprocess(run, dtype, args.steps, args.device)
+                rows.append(row)
             before = row.get("allocated_before_bytes")
             print(f"{row['preset']} {dtype} {run[1]}x{run[2]} accum {run[3]} AC {run[4]}: measured "
                   f"{row['measured_bytes'] / 1e6:,.1f} MB, planned {row['planned_bytes'] / 1e6:,.1f} MB, "

@@ -239,6 +239,8 @@ def run_train(args: argparse.Namespace) -> None:
         raise MinillamaError("--allow-change is for --resume: a new run has no checkpoint to differ from")
     result = train(run, args.out, resume=args.resume, show_progress=not args.no_progress,
                    allow_changes=tuple(args.allow_changes))
+    if result.rank != 0:  # under torchrun rank 0 speaks for the job
+        return
     summary = f"step {result.step}: train loss {result.last_loss:.4f}" if result.last_loss is not None else \
         f"step {result.step}"
     if result.val_loss is not None:

@@ -44,10 +44,11 @@ def evaluate_loss(model: torch.nn.Module, batches, device: torch.device, dtype: 
         for inputs, targets in batches:
             inputs, targets = inputs.to(device), targets.to(device)
             scored = int((targets != IGNORE_INDEX).sum())
-            if scored == 0:
-                continue
+            # Run even a batch with nothing to score: under FSDP every rank must take part in every forward.
             with autocast_context(device, dtype):
                 mean_nats = model(inputs, targets)  # fp32, averaged over the scored positions
+            if scored == 0:
+                continue
             total_nats += mean_nats.item() * scored
             total_tokens += scored
     model.train(was_training)

@@ -189,6 +189,86 @@ def test_activation_formula_matches_saved_tensor_census(mode):
     assert rest == head_activation_bytes(one, mode) * tokens + rope_tables + 4  # + the loss scalar
 
 
+@pytest.fixture(scope="module")
+def bench():
+    """benchmarks/plan_vs_measured.py as a module: its census and its tensor-bytes tracker."""
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "plan_vs_measured.py"
+    spec = importlib.util.spec_from_file_location("plan_vs_measured", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _checkpointed_model(cfg: ModelConfig, attention: str, checkpointing: str) -> Transformer:
+    """A model with the trainer's own activation checkpointing applied (train/parallelize.py)."""
+    from minillama.train.parallelize import apply_activation_checkpointing
+
+    torch.manual_seed(0)
+    model = Transformer(cfg, attention=attention)
+    if checkpointing != "none":
+        apply_activation_checkpointing(model, checkpointing)
+    return model
+
+
+def _live_after_forward(bench, cfg, tokens, seq_len, mode, attention, checkpointing) -> int:
+    """Bytes of the tensors a forward + loss leaves alive for backward (inside autocast, so its weight copies
+    included), by watching every op's outputs: unlike a saved-tensor hook this also sees inside checkpointed
+    blocks, where checkpointing keeps its block inputs and the selective policy its cache of matmul outputs."""
+    model = _checkpointed_model(cfg, attention, checkpointing)
+    tokens_in = torch.randint(0, cfg.vocab_size, (tokens // seq_len, seq_len + 1))
+    with bench.TensorBytes(bench.TensorBytes.storage_ptrs([*model.parameters(), *model.buffers()])) as tracker:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+            loss = model(tokens_in[:, :-1], tokens_in[:, 1:])
+            live = tracker.now
+    del loss
+    return live
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "blocked"])
+@pytest.mark.parametrize("checkpointing", ["none", "selective", "full"])
+@pytest.mark.parametrize("mode", ["bf16", "fp32"])
+def test_checkpointed_activation_formula_matches_the_live_tensor_census(bench, mode, checkpointing, attention):
+    """What each activation checkpointing mode keeps per block, as the trainer applies it, is exactly what the
+    planner counts: selective keeps the block input and its matmul and attention outputs (with the blocked CPU
+    kernel, whose attention is batched matmuls, the score matrices: as large as the probabilities it keeps
+    without checkpointing)."""
+    tokens, seq_len = 128, 64
+    one, two = (ModelConfig.from_preset("15m", n_layers=n) for n in (1, 2))
+    weight_copies = 2 * sum(layer_matmul_params(one).values()) if mode == "bf16" else 0
+    census = [_live_after_forward(bench, cfg, tokens, seq_len, mode, attention, checkpointing) for cfg in (two, one)]
+    per_layer = census[0] - census[1] - weight_copies
+    expected = layer_activation_bytes(one, mode, checkpointing, attention, seq_len) * tokens
+    assert per_layer == pytest.approx(expected, abs=0.5)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16"])
+def test_checkpointing_keeps_the_gradients_and_lowers_the_peak_as_planned(bench, mode):
+    """Forward + backward with none, selective and full checkpointing: the same gradients (recomputation runs
+    the same kernels on the same inputs: bit for bit), and a measured peak of tensor memory that falls from
+    none to selective to full, each within 5% of the planner's (its total less the weights and AdamW state,
+    which this step does not touch). A model whose activations outweigh its weights, so that they set the peak."""
+    cfg = ModelConfig(dim=256, n_layers=4, n_heads=4, n_kv_heads=2, ffn_hidden_dim=768, vocab_size=512,
+                      max_seq_len=256)
+    batch, seq_len = 2, 256
+    tokens = torch.randint(0, cfg.vocab_size, (batch, seq_len + 1), generator=torch.Generator().manual_seed(0))
+    peaks, grads = {}, {}
+    for checkpointing in ("none", "selective", "full"):
+        model = _checkpointed_model(cfg, "blocked", checkpointing)
+        with bench.TensorBytes(bench.TensorBytes.storage_ptrs([*model.parameters(), *model.buffers()])) as tracker:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16"):
+                model(tokens[:, :-1], tokens[:, 1:]).backward()
+        peaks[checkpointing] = tracker.peak
+        grads[checkpointing] = {name: p.grad for name, p in model.named_parameters()}
+        plan = training_memory(cfg, count_parameters(cfg), micro_batch=batch, seq_len=seq_len, precision=mode,
+                               activation_checkpointing=checkpointing, attention="blocked")
+        planned = plan["total"] - plan["weights"] - plan["optimizer"]
+        assert tracker.peak == pytest.approx(planned, rel=0.05), (checkpointing, plan["peak_phase"])
+    assert peaks["none"] > 1.05 * peaks["selective"] and peaks["selective"] > 1.05 * peaks["full"], peaks
+    for checkpointing in ("selective", "full"):
+        for name, grad in grads["none"].items():
+            assert torch.equal(grads[checkpointing][name], grad), (checkpointing, name)
+
+
 def _live_tensor_ids() -> set[int]:
     gc.collect()
     return {id(o) for o in gc.get_objects() if issubclass(type(o), torch.Tensor)}

@@ -33,10 +33,11 @@ HELP_ONLY = {
 # A placeholder after one of these flags takes this value ({name}: a fixture below).
 FLAG_VALUES = {"--input": "{text}", "--vocab-size": "300", "--out": "{out}", "--tokenizer": "{tokenizer}",
                "--checkpoint": "{checkpoint}", "--data": "{text}", "--task": "{task}", "--shots": "1",
-               "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:"}
+               "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:", "--dp": "2",
+               "--activation-checkpointing": "selective"}
 # Positional arguments, for the placeholders (or the `...`) that stand for them.
-POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"], ("tokenizer", "encode"): ["hello world"],
-               ("tokenizer", "decode"): ["1", "2", "3"]}
+POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"],
+               ("tokenizer", "encode"): ["hello world"], ("tokenizer", "decode"): ["1", "2", "3"]}
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?\.*")
 
 

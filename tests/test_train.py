@@ -471,3 +471,23 @@ def test_time_budget_in_a_real_run_stops_within_it_and_a_resumed_run_ends_where_
                              timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert max(read_losses(out)) == state["max_steps"]
+
+
+def test_resume_from_a_checkpoint_without_its_training_tensors(tmp_path, corpus, env, capsys):
+    """A checkpoint whose sharded/ directory is missing (written by an older minillama) or whose shard is
+    truncated cannot resume: one line naming the directory, not a traceback from deep inside DCP."""
+    import shutil
+
+    config = write_config(tmp_path, corpus, max_steps=3, save_every=3)
+    out = tmp_path / "out"
+    assert main(["train", "--config", str(config), "--out", str(out), "--no-progress"]) == 0
+    capsys.readouterr()
+    (shard,) = (out / "step-0000003" / "sharded").iterdir()
+    shard.write_bytes(shard.read_bytes()[:1000])
+    base = ["train", "--config", str(config), "--out", str(out), "--no-progress", "--resume", "--set",
+            "train.max_steps=5", "--allow-change", "train.max_steps"]
+    err = _error(capsys, base)
+    assert "cannot read the training tensors" in err and "step-0000003" in err, err
+    shutil.rmtree(out / "step-0000003" / "sharded")
+    err = _error(capsys, base)
+    assert "has no sharded/ directory" in err and "minillama.load" in err, err

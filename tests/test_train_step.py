@@ -120,8 +120,9 @@ def _trajectory(model: Transformer, steps: int = 3, **parallel) -> list[tuple[fl
 
 
 @pytest.mark.parametrize("variant", [dict(attention="blocked"), dict(attention="blocked", checkpointing="full"),
+                                     dict(attention="blocked", checkpointing="selective"),
                                      dict(attention="auto", compile=True, checkpointing="full")],
-                         ids=["blocked", "blocked+checkpointing", "compiled+checkpointing"])
+                         ids=["blocked", "blocked+checkpointing", "blocked+selective", "compiled+checkpointing"])
 def test_train_steps_follow_the_plain_trajectory(variant):
     """Three optimizer steps through the kernels and wrappers the trainer applies, against model.py's plain
     sdpa forward: the same losses, gradient norms and weights, in fp32. The compiled variant is what the
@@ -186,10 +187,36 @@ def test_dropout_is_reproducible_and_off_in_eval_mode(kernel):
 
 
 @pytest.mark.parametrize("settings, key", [(dict(dropout=1.0), "train.dropout"),
-                                           (dict(attention="flash"), "train.attention")])
+                                           (dict(attention="flash"), "train.attention"),
+                                           (dict(parallel="zero3"), "train.parallel"),
+                                           (dict(activation_checkpointing="some"), "train.activation_checkpointing")])
 def test_bad_train_settings_name_the_key(settings, key):
     from minillama.errors import MinillamaError
     from minillama.train.config import TrainConfig
 
     with pytest.raises(MinillamaError, match=key):
         TrainConfig(**settings)
+
+
+def test_gpu_mfu_benchmark_runs_in_its_cpu_form(tmp_path):
+    """benchmarks/gpu_mfu.py in the tiny form CI keeps working: a row per checkpointing mode with tokens/s, an MFU
+    against the measured CPU peak, a peak of tensor memory that the planner gives within 5%, and the same first
+    loss whatever is recomputed (same initialisation, same batch)."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_mfu.py"
+    spec = importlib.util.spec_from_file_location("gpu_mfu", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "gpu_mfu.json"
+    assert bench.main(["--device", "cpu", "--preset", "tiny", "--seq-len", "128", "--micro-batch", "4",
+                       "--warmup", "1", "--steps", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["activation_checkpointing"] for row in rows] == ["none", "selective", "full"]
+    for row in rows:
+        assert row["tokens_per_s"] > 0 and 0 < row["mfu"] < 1 and row["micro_batch"] == 4
+        assert row["memory_ratio"] == pytest.approx(1.0, abs=0.05), row
+    assert rows[0]["losses"][0] == rows[1]["losses"][0] == rows[2]["losses"][0]
+    assert rows[0]["measured_memory_bytes"] > rows[1]["measured_memory_bytes"] > rows[2]["measured_memory_bytes"]

@@ -28,7 +28,10 @@ bf16 input and the fp32 log-softmax (4V), and the loss's backward briefly holds 
 
 Activation checkpointing of each block (torch.utils.checkpoint, non-reentrant) keeps only the block input (4C in
 fp32 residual) and recomputes one block at a time in backward; "selective" keeps the outputs of matmuls and of
-attention and recomputes norms, RoPE and SwiGLU's pointwise ops (torchtitan's op-level selective AC). The bf16
+attention and recomputes norms, RoPE and SwiGLU's pointwise ops (torchtitan's op-level selective AC, the policy in
+train/parallelize.py): with C, Hq, Kv, F, H as above, residual·C + a·(2Hq + 2Kv + 2C + 2F) plus sdpa's 4H
+log-sum-exp, or with the blocked kernel its score matrices (the size of its probabilities: its matmul outputs).
+Both are checked against a census of what stays alive after the forward (tests/test_plan.py). The bf16
 weight copies are counted as held through backward, as they are on CPU. On CUDA, backward runs on autograd's
 device thread, and the first recompute leaves its autocast region there (autocast's nesting count is per thread,
 its cast cache process-wide), which empties the cache: from then on only the recomputed block's copies exist, so
@@ -36,7 +39,9 @@ the later phases sit below this estimate, never above it (for the 125m and 1b be
 loss's backward either way).
 
 The peak is the largest of a few moments of the step: the loss's backward (all activations live), the output
-head's backward, the first recomputed block, and the end of backward (all gradients live). Gradients persist
+head's backward, the first recomputed block, the first block's backward (every other gradient made), and the end
+of backward (all gradients live). A block's backward holds, besides what was kept for it, the gradients of its
+SwiGLU activations and, with checkpointing, what the recomputation rebuilds (`block_backward_bytes`). Gradients persist
 through the forward pass only with gradient accumulation or data parallelism; otherwise `zero_grad(set_to_none)`
 frees them between steps. AdamW is the fused kernel (no full-size temporaries).
 """
@@ -114,20 +119,24 @@ def layer_activation_bytes(cfg: ModelConfig, precision: str = "bf16", activation
     C, F, H = cfg.dim, cfg.ffn_hidden_dim, cfg.n_heads
     q_width, kv_width = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     a = policy.activation
-    if activation_checkpointing == "full":
-        return policy.residual * C  # the block input; cos/sin are shared by all blocks
-    if activation_checkpointing == "selective":
-        # block input + outputs of wq, wk, wv, attention (+ log-sum-exp), wo, w1, w3, w2
-        return policy.residual * C + a * (q_width + 2 * kv_width) + a * q_width + 4 * H + 2 * a * C + 2 * a * F
-    matmul_inputs = 5 * a * C if policy.autocast else 0  # fp32/16-bit models: the norm's saved output is the input
     if attention == "blocked":
         if seq_len is None:
             raise MinillamaError("the blocked attention kernel's activations depend on the sequence length")
-        attention_bytes = a * (2 * q_width + 2 * kv_width) + a * H * blocked_attention_keys_per_token(seq_len)
+        # its softmax probabilities (or, under selective checkpointing, the scores of the same shape)
+        attention_matrix = a * H * blocked_attention_keys_per_token(seq_len)
     elif attention == "sdpa":
-        attention_bytes = a * (2 * q_width + 2 * kv_width) + 4 * H
+        attention_matrix = 4 * H  # no T x T matrix: the fp32 log-sum-exp
     else:
         raise MinillamaError(f"unknown attention kernel {attention!r}; expected 'sdpa' or 'blocked'")
+    if activation_checkpointing == "full":
+        return policy.residual * C  # the block input; cos/sin are shared by all blocks
+    if activation_checkpointing == "selective":
+        # What train/parallelize.py's policy keeps: the block input, the outputs of wq, wk, wv, wo, w1, w3, w2,
+        # and attention's output with its log-sum-exp (sdpa) or its score and value batched matmuls (blocked).
+        return (policy.residual * C + a * (q_width + 2 * kv_width) + a * q_width + attention_matrix + 2 * a * C
+                + 2 * a * F)
+    matmul_inputs = 5 * a * C if policy.autocast else 0  # fp32/16-bit models: the norm's saved output is the input
+    attention_bytes = a * (2 * q_width + 2 * kv_width) + attention_matrix
     return 2 * _norm_bytes(cfg, policy) + matmul_inputs + attention_bytes + 4 * a * F
 
 
@@ -145,6 +154,22 @@ def loss_backward_transient_bytes(cfg: ModelConfig) -> int:
     return 8 * cfg.vocab_size
 
 
+def block_backward_bytes(cfg: ModelConfig, precision: str = "bf16", activation_checkpointing: str = "none",
+                         attention: str = "sdpa", seq_len: int | None = None) -> int | float:
+    """Bytes per token one block's backward adds to the activations kept for it: with checkpointing, what its
+    recomputation makes beyond what was kept (the whole block's saved tensors less the kept outputs other than
+    the block input, which the recomputation reuses); always, the gradients of the SwiGLU's two hidden
+    activations, alive together while its backward runs (2aF: measured, tests/test_plan.py)."""
+    a = get_policy(precision).activation
+    transient = 2 * a * cfg.ffn_hidden_dim
+    if activation_checkpointing == "none":
+        return transient
+    whole = layer_activation_bytes(cfg, precision, "none", attention, seq_len)
+    kept = layer_activation_bytes(cfg, precision, activation_checkpointing, attention, seq_len)
+    block_input = get_policy(precision).residual * cfg.dim
+    return whole - (kept - block_input) + transient
+
+
 def activation_bytes_per_sequence(cfg: ModelConfig, seq_len: int, dtype: str = "bf16",
                                   activation_checkpointing: str = "none", attention: str = "sdpa") -> int:
     """Peak activation bytes one sequence of `seq_len` tokens adds to a training step on one device: every
@@ -154,7 +179,7 @@ def activation_bytes_per_sequence(cfg: ModelConfig, seq_len: int, dtype: str = "
     per_token = (cfg.n_layers * layer_activation_bytes(cfg, dtype, activation_checkpointing, attention, seq_len)
                  + head_activation_bytes(cfg, dtype) + loss_backward_transient_bytes(cfg))
     if activation_checkpointing != "none":
-        per_token += layer_activation_bytes(cfg, dtype, "none", attention, seq_len)
+        per_token += block_backward_bytes(cfg, dtype, activation_checkpointing, attention, seq_len)
     return round(per_token * seq_len)
 
 
@@ -192,10 +217,14 @@ def training_memory(cfg: ModelConfig | None, params: int, *, micro_batch: int = 
     else:
         working = policy.working_copy * (layers_per_stage * layer_params + head_params / pp) / tp
     tokens = micro_batch * seq_len
-    layer_act = layer_activation_bytes(cfg, precision, activation_checkpointing, attention, seq_len) * tokens / tp
-    full_layer_act = layer_activation_bytes(cfg, precision, "none", attention, seq_len) * tokens / tp
-    recompute = full_layer_act if activation_checkpointing != "none" else 0.0
-    head_act = head_activation_bytes(cfg, precision) * tokens / tp
+    # Our trainer under FSDP gathers its weights in bf16 (MixedPrecisionPolicy, train/parallelize.py): the
+    # activations are a 16-bit model's (no autocast casts, a bf16 residual stream), the states stay as above.
+    act_precision = "pure-bf16" if precision == "bf16" and zero >= 3 else precision
+    layer_act = layer_activation_bytes(cfg, act_precision, activation_checkpointing, attention, seq_len) * tokens / tp
+    backward_extra = block_backward_bytes(cfg, act_precision, activation_checkpointing, attention,
+                                          seq_len) * tokens / tp
+    layer_grad = policy.grad * layer_params / tp / (dp if zero >= 2 else 1)
+    head_act = head_activation_bytes(cfg, act_precision) * tokens / tp
     logits_transient = loss_backward_transient_bytes(cfg) * tokens / tp
     head_grad = policy.grad * head_params / tp / (dp if zero >= 2 else 1)
     head_grad_cast = 2 * head_params / tp if policy.autocast else 0.0  # bf16 grad of the weight copy, then fp32
@@ -216,7 +245,12 @@ def training_memory(cfg: ModelConfig | None, params: int, *, micro_batch: int = 
                 act + head_act - 4 * cfg.vocab_size * tokens / tp + 2 * cfg.vocab_size * tokens / tp)
         if activation_checkpointing != "none":
             phases["first recomputed block" + label] = (
-                held_grads + (0.0 if persistent_grads or not has_head else head_grad), act + recompute)
+                held_grads + (0.0 if persistent_grads or not has_head else head_grad), act + backward_extra)
+        # the stage's first block: every other block's gradients made, only its own activations (and those of
+        # micro-batches still in flight) left
+        phases["backward of the first block" + label] = (
+            grads if persistent_grads else grads - layer_grad,
+            act - (layers_per_stage - 1) * layer_act + backward_extra)
         # end of backward: every gradient, the tied embedding's dense gradient about to be added in
         embedding_grad = head_grad if cfg.tie_embeddings else 0.0
         phases["end of backward" + label] = (grads + embedding_grad, 0.0)

@@ -17,8 +17,10 @@ from minillama.config import ModelConfig, apply_overrides, build_dataclass, mode
 from minillama.data.sources import DataConfig, data_config_from_paths, data_config_from_table
 from minillama.errors import MinillamaError
 from minillama.kernels import ATTENTION_KERNELS
+from minillama.plan.memory import CHECKPOINTING
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+PARALLEL = ("ddp", "fsdp")  # train.parallel (train/parallelize.py)
 
 
 @dataclass
@@ -82,7 +84,14 @@ class TrainConfig:
     # The attention kernel (minillama/kernels.py): "auto" is the blocked kernel on CPU up to 1,024 positions
     # (2-4x faster forward + backward there), PyTorch's scaled_dot_product_attention elsewhere.
     attention: str = "auto"  # "auto" | "sdpa" | "blocked"
-    activation_checkpointing: str = "none"  # "none" | "full"
+    # Recompute activations in backward instead of keeping them (train/parallelize.py): "full" keeps each block's
+    # input only, "selective" also its matmul and attention outputs (recomputing norms, RoPE and SwiGLU's
+    # element-wise ops); `minillama plan --activation-checkpointing` gives each one's memory.
+    activation_checkpointing: str = "none"  # "none" | "selective" | "full"
+    # Under torchrun with more than one rank: "ddp" replicates the model and all-reduces gradients; "fsdp" shards
+    # weights, gradients and AdamW state over the ranks (FSDP2, ZeRO-3) for models that do not fit one device.
+    # Ignored by a single process.
+    parallel: str = "ddp"  # "ddp" | "fsdp"
     # Dropout on the embeddings and on each residual branch's output while training (nanoGPT's embedding and
     # residual dropout). LLaMA uses none; a small corpus seen for many epochs can want it.
     dropout: float = 0.0
@@ -103,9 +112,11 @@ class TrainConfig:
                                  f"train.seq_len={self.seq_len}")
         if self.dtype not in ("bf16", "fp32"):
             raise MinillamaError(f"train.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
-        if self.activation_checkpointing not in ("none", "full"):
-            raise MinillamaError(f"train.activation_checkpointing must be 'none' or 'full', got "
+        if self.activation_checkpointing not in CHECKPOINTING:
+            raise MinillamaError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
                                  f"{self.activation_checkpointing!r}")
+        if self.parallel not in PARALLEL:
+            raise MinillamaError(f"train.parallel must be one of {', '.join(PARALLEL)}, got {self.parallel!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MinillamaError(f"train.dropout must be in [0, 1), got {self.dropout}")
         if self.attention not in ATTENTION_KERNELS:

@@ -55,11 +55,14 @@ class MetricsLog:
 
 
 class Throughput:
-    """Tokens per second and MFU over the wall-clock interval since the last call."""
+    """Tokens per second of the whole job and MFU over the wall-clock interval since the last call.
 
-    def __init__(self, flops_per_token: float, peak_flops: float | None) -> None:
+    MFU = tokens/s x model FLOPs per token / (peak FLOP/s per device x devices) (PaLM appendix B): the model's
+    own FLOPs, not those of recomputation, over the dense peak of every device taking part."""
+
+    def __init__(self, flops_per_token: float, peak_flops: float | None, devices: int = 1) -> None:
         self.flops_per_token = flops_per_token
-        self.peak_flops = peak_flops
+        self.peak_flops = peak_flops * devices if peak_flops else None  # of all the devices together
         self.reset()
 
     def reset(self) -> None:

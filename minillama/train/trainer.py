@@ -4,6 +4,11 @@ One optimizer step = `accumulation` micro-batches forward and backward (bf16 aut
 gradient clipping at 1.0, then AdamW at the scheduled rate. The batch at step s is a pure function of
 (seed, s, rank, world size) and everything else that changes is in the checkpoint, so a run killed at any
 instant and resumed logs exactly the same losses as one that never stopped.
+
+The same loop runs on one process or on N ranks under torchrun (train/parallelize.py: DDP or FSDP2). The ranks of
+one step together read the same global batch whatever N is, the weights start from the same seeded
+initialisation, and checkpoints load at any world size, so a run can move between 1 process, N CPU processes and
+N GPUs and continue its loss curve.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
 from minillama.files import make_dir
 from minillama.model import Transformer
-from minillama.runtime import autocast_context, resolve_device, retain_freed_memory
+from minillama.runtime import autocast_context, retain_freed_memory
 from minillama.train import checkpointing
 from minillama.train.config import RunConfig
 from minillama.train.metrics import MetricsLog, Throughput, plot_losses
@@ -38,6 +43,7 @@ class TrainResult:
     val_bpb: float | None
     checkpoint: Path | None
     stopped_by_signal: bool
+    rank: int = 0  # this process's rank: under torchrun only rank 0 reports
 
 
 class TrainStep:
@@ -68,7 +74,9 @@ class TrainStep:
                 (loss / accumulation).backward()
             loss_sum += loss.detach()
         step_loss = self.dist.mean(loss_sum / accumulation).item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip).item()
+        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
+        # Under FSDP the norm is a DTensor: the whole gradient's norm, replicated; read it as a plain tensor.
+        grad_norm = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).item()
         finite = math.isfinite(step_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -204,13 +212,42 @@ class RunState:
 
 
 def build_model(model_cfg: ModelConfig, tcfg, device: torch.device) -> Transformer:
-    """The model built on the meta device and materialised on `device` with the run's seeded initialisation."""
+    """The model built on the meta device, initialised on the CPU from the run's seed and moved to `device`.
+
+    On the CPU always, so that the initial weights are a function of the seed alone: a GPU's generator draws other
+    numbers than the CPU's, and a sharded (FSDP) run fills its shards from this same CPU initialisation."""
     torch.manual_seed(tcfg.seed)
     with torch.device("meta"):
         model = Transformer(model_cfg, attention=tcfg.attention, dropout=tcfg.dropout)
-    model.to_empty(device=device)
+    model.to_empty(device="cpu")
     model.init_weights()
+    if device.type != "cpu":
+        model.to(device)
+        if model_cfg.tie_embeddings:
+            model.output.weight = model.tok_embeddings.weight
+        model.reset_buffers()
     return model
+
+
+def build_parallel_model(model_cfg: ModelConfig, tcfg, dist: DistributedContext) -> tuple[Transformer, torch.nn.Module]:
+    """(the Transformer, the module to train), with activation checkpointing, compilation and DDP or FSDP
+    applied (train/parallelize.py). Under FSDP the model is sharded on the meta device, then each rank
+    materialises its shards from rank 0's `build_model` on the CPU; every other case builds the whole model
+    on every rank from the same seed."""
+    from minillama.train.parallelize import load_full_state, parallelize
+
+    options = dict(compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing,
+                   parallel=tcfg.parallel, dtype=tcfg.dtype)
+    if tcfg.parallel != "fsdp" or dist.world_size == 1:
+        model = build_model(model_cfg, tcfg, dist.device)
+        return model, parallelize(model, dist, **options)
+    torch.manual_seed(tcfg.seed)
+    with torch.device("meta"):
+        model = Transformer(model_cfg, attention=tcfg.attention, dropout=tcfg.dropout)
+    train_model = parallelize(model, dist, **options)
+    full_state = build_model(model_cfg, tcfg, torch.device("cpu")).state_dict() if dist.is_main else {}
+    load_full_state(model, full_state, dist.device)
+    return model, train_model
 
 
 def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progress: bool = True,
@@ -222,14 +259,13 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     from minillama.eval import evaluate_loss
     from minillama.plan.flops import flops_per_token
     from minillama.plan.hardware import device_peak
-    from minillama.train.parallelize import parallelize
     from minillama.train.setup import prepare_run, write_run_record
 
     started = time.perf_counter()
     out_dir = Path(out_dir)
     tcfg, ocfg = run.train, run.optim
-    dist = DistributedContext.from_environment()
-    device = resolve_device(tcfg.device) if dist.world_size == 1 else dist.device
+    dist = DistributedContext.from_environment(tcfg.device)
+    device = dist.device
     saved = None
     if resume:
         latest = checkpointing.latest_checkpoint(out_dir)
@@ -238,7 +274,13 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         saved = checkpointing.load_training_state(latest, run, allow_changes)
     make_dir(out_dir)  # a file in the way is one line of error, not a traceback
 
+    # One process per node (local rank 0) trains the tokenizer and tokenizes the data into its cache first; the
+    # node's other ranks then find it there. Every rank passes the one barrier once.
+    if dist.local_rank != 0:
+        dist.barrier()
     tokenizer, data_dir, model_cfg = prepare_run(run, out_dir, show_progress=show_progress and dist.is_main)
+    if dist.local_rank == 0:
+        dist.barrier()
     if tcfg.batch_size % dist.world_size:
         raise MinillamaError(f"train.batch_tokens/seq_len = {tcfg.batch_size} sequences is not divisible by "
                              f"the world size {dist.world_size}")
@@ -261,16 +303,14 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
 
     if device.type == "cpu":
         retain_freed_memory()  # each step reuses the last one's freed memory instead of faulting in new pages
-    model = build_model(model_cfg, tcfg, device)
-    optimizer = build_optimizer(model, ocfg)
+    model, train_model = build_parallel_model(model_cfg, tcfg, dist)
+    optimizer = build_optimizer(model, ocfg)  # over the shards under FSDP
     if saved is not None:
-        checkpointing.restore(saved, model, optimizer)
-    train_model = parallelize(model, dist, compile=tcfg.compile, activation_checkpointing=tcfg.activation_checkpointing)
+        checkpointing.restore(saved, model, optimizer, dist)
     train_step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=ocfg.grad_clip,
                            dtype=tcfg.dtype, dist=dist)
     peak, peak_source = device_peak(device, tcfg.dtype)  # None for a GPU missing from the table: no MFU then
-    throughput = Throughput(flops_per_token(model_cfg, tcfg.seq_len, training=True) * dist.world_size,
-                            peak * dist.world_size if peak else None)
+    throughput = Throughput(flops_per_token(model_cfg, tcfg.seq_len, training=True), peak, devices=dist.world_size)
     log = MetricsLog(out_dir, resume_step=saved["step"] if saved else None,
                      first_record=dict(peak_flops=peak, peak_source=peak_source)) if dist.is_main else None
     tokens_per_step = tcfg.batch_size * tcfg.seq_len
@@ -286,11 +326,13 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         return checkpointing.save_training_checkpoint(
             out_dir, state.step, model, tokenizer, optimizer, run, bad_in_a_row=state.bad_in_a_row,
             bad_total=state.bad_total, max_steps=state.max_steps, length_decided=state.length_decided,
-            keep_last=tcfg.keep_last)
+            keep_last=tcfg.keep_last, dist=dist)
 
     def validate() -> None:
         nats, count = evaluate_loss(model, val_data.val_batches(max_batches=eval_batches), device, tcfg.dtype)
-        state.val_loss = dist.mean(torch.tensor(nats / max(1, count), device=device)).item()
+        # Nats and tokens summed over ranks: the mean over every scored token, whatever the world size.
+        nats, count = dist.sum(torch.tensor([nats, count], dtype=torch.float64, device=device)).tolist()
+        state.val_loss = nats / max(1.0, count)
         # bits per byte: the validation split's UTF-8 bytes per token turn nats/token into bits/byte.
         state.val_bpb = state.val_loss / (math.log(2) * val_data.bytes_per_token["val"])
 
@@ -311,6 +353,9 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             loss, grad_norm, finite = train_step(inputs, targets)
             if budget is not None:
                 estimate = budget.observe(state.step + 1, time.perf_counter() - step_started)
+                # Rank 0's clock decides for all: ranks that stopped at different steps would wait forever.
+                estimate = dist.broadcast_int(-1 if estimate is None else estimate)
+                estimate = None if estimate < 0 else estimate
                 if estimate is not None:
                     state.max_steps, state.length_decided = estimate, True
                     if progress is not None:
@@ -325,13 +370,16 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             if not finite or step % tcfg.log_every == 0 or step in (state.max_steps, first_step):
                 tokens_per_s, mfu = throughput.measure()
                 record = dict(step=step, tokens=step * tokens_per_step, loss=loss, lr=lr, grad_norm=grad_norm,
-                              tokens_per_s=round(tokens_per_s, 1), mfu=None if mfu is None else round(mfu, 5))
+                              tokens_per_s=round(tokens_per_s, 1), mfu=None if mfu is None else round(mfu, 5),
+                              tokens_per_s_per_device=round(tokens_per_s / dist.world_size, 1),
+                              devices=dist.world_size)
                 if not finite:
                     record.update(skipped=True, bad_steps_total=state.bad_total)
             if step % tcfg.eval_every == 0 or step == state.max_steps:
                 validate()
                 record = record or dict(step=step, tokens=step * tokens_per_step, loss=loss, lr=lr,
-                                        grad_norm=grad_norm, tokens_per_s=None, mfu=None)
+                                        grad_norm=grad_norm, tokens_per_s=None, mfu=None,
+                                        tokens_per_s_per_device=None, devices=dist.world_size)
                 record.update(val_loss=state.val_loss, val_bpb=state.val_bpb)
                 throughput.reset()  # evaluation time is not training throughput
             if record is not None and log is not None:
@@ -343,8 +391,10 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
             if state.bad_in_a_row >= tcfg.max_bad_steps:
                 raise MinillamaError(f"stopping at step {step}: {state.bad_in_a_row} non-finite losses or gradients "
                                      f"in a row (last loss {loss}, grad norm {grad_norm}); lower optim.lr?")
-            if dist.is_main and (step % tcfg.save_every == 0 or step == state.max_steps or stop.requested):
-                save_started = time.perf_counter()
+            if dist.world_size > 1:  # a signal reaches the ranks at different steps: stop together
+                stop.requested = dist.count(stop.requested) > 0
+            if step % tcfg.save_every == 0 or step == state.max_steps or stop.requested:
+                save_started = time.perf_counter()  # every rank saves its part
                 state.saved = save()
                 if budget is not None:
                     budget.note_save(time.perf_counter() - save_started)
@@ -358,8 +408,10 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
         if log.path.exists() and log.path.stat().st_size:
             plot_losses(log.path, out_dir / "loss.png")
     dist.barrier()
+    dist.close()
     return TrainResult(out_dir=out_dir, step=state.step, last_loss=state.last_loss, val_loss=state.val_loss,
-                       val_bpb=state.val_bpb, checkpoint=state.saved, stopped_by_signal=state.stopped_by_signal)
+                       val_bpb=state.val_bpb, checkpoint=state.saved, stopped_by_signal=state.stopped_by_signal,
+                       rank=dist.rank)
 
 
-__all__ = ["train", "TrainResult", "TrainStep", "RunState", "build_model"]
+__all__ = ["train", "TrainResult", "TrainStep", "RunState", "build_model", "build_parallel_model"]
