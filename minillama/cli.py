@@ -148,7 +148,7 @@ def run_data_inspect(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# train, eval, generate  (owned by minillama/train/, minillama/eval.py, minillama/infer/)
+# train, eval, generate, quantize  (owned by minillama/train/, minillama/eval.py, minillama/infer/)
 # --------------------------------------------------------------------------------------------------------------
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain a model (no --config: the embedded default recipe)")
@@ -171,6 +171,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_quantize_arguments(p)
     p.set_defaults(handler=run_eval)
 
     p = sub.add_parser("generate", help="continue a prompt with a checkpoint")
@@ -181,7 +182,22 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--top-k", type=int, default=200)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
+    add_quantize_arguments(p)
     p.set_defaults(handler=run_generate)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8 or int4 copy of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face format, not yet quantized)")
+    p.add_argument("--to", required=True, metavar="int8|int4", help="int8: per output channel; int4: per group")
+    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale: 32, 64, 128 or 256 "
+                                                                "(default 32)")
+    p.add_argument("--keep-output", action="store_true", help="leave the output head in bf16")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the quantized checkpoint")
+    p.set_defaults(handler=run_quantize)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", metavar="int8|int4", help="quantize the weights at load time (weight-only)")
+    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale (default 32)")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -211,7 +227,7 @@ def run_eval(args: argparse.Namespace) -> None:
     from minillama.eval import evaluate_path
 
     result = evaluate_path(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                           dtype=args.dtype)
+                           dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -223,12 +239,21 @@ def run_generate(args: argparse.Namespace) -> None:
     from minillama.checkpoint import load
     from minillama.infer import generate
 
-    model, tokenizer = load(args.checkpoint)
+    model, tokenizer = load(args.checkpoint, quantize=args.quantize, group_size=args.group_size)
     if tokenizer is None:
         raise MinillamaError(f"checkpoint {args.checkpoint} has no tokenizer files")
     text = generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens,
                     temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     print(args.prompt + text)
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from minillama.infer.quantize import quantize_checkpoint
+
+    spec = quantize_checkpoint(args.checkpoint, args.out, args.to, args.group_size,
+                               quantize_output=not args.keep_output)
+    group = f", group size {spec.group_size}" if spec.group_size else ""
+    print(f"{spec.method} weight-only{group}{'' if spec.quantize_output else ', output head in bf16'} -> {args.out}")
 
 
 # --------------------------------------------------------------------------------------------------------------
