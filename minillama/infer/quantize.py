@@ -31,7 +31,6 @@ back out through the kernel itself (see `Int4Linear.unpacked`), so no undocument
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,12 +52,14 @@ FORMAT_VERSION = 1
 INT4_ZERO_OFFSET = 8  # tinygemm's dequantization: (q - 8) * scale + zero
 
 
-@functools.cache
-def _has_kernel(op: str, device_type: str) -> bool:
-    """Whether `op` (e.g. "aten::_weight_int8pack_mm") has a kernel registered for a device type's dispatch key.
-    Cached: it runs on every forward of every quantized Linear."""
-    key = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}.get(device_type)
-    return key is not None and torch._C._dispatch_has_kernel_for_dispatch_key(op, key)
+def _devices_with_kernel(op: str) -> frozenset[str]:
+    """The device types for which `op` (e.g. "aten::_weight_int8pack_mm") has a kernel registered. Computed once
+    at import: a constant set is what torch.compile can trace, a dispatcher query is not."""
+    keys = {"cpu": "CPU", "cuda": "CUDA", "mps": "MPS", "xpu": "XPU"}
+    return frozenset(t for t, key in keys.items() if torch._C._dispatch_has_kernel_for_dispatch_key(op, key))
+
+
+INT8_KERNEL_DEVICES = _devices_with_kernel("aten::_weight_int8pack_mm")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -156,8 +157,8 @@ class Int8Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).to(self.weight_scale.dtype)  # (M, K) in the scales' dtype
         if self._use_kernel(x2):
-            if x2.data_ptr() % _KERNEL_ALIGNMENT:
-                x2 = x2.clone()
+            if not torch.compiler.is_compiling() and x2.data_ptr() % _KERNEL_ALIGNMENT:
+                x2 = x2.clone()  # a view into a larger tensor (compiled graphs allocate aligned buffers)
             y = torch.ops.aten._weight_int8pack_mm(x2, self.weight, self.weight_scale)  # (M, N)
         else:
             y = F.linear(x2, self.weight.to(x2.dtype)) * self.weight_scale
@@ -166,9 +167,11 @@ class Int8Linear(nn.Module):
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """The aten kernel where it exists and its CPU code's alignment needs are met: it segfaults (torch 2.13)
         on rows of W that are not 16-byte multiples (K % 16 != 0) or on x and W not aligned to 32 and 16 bytes,
-        as a safetensors slice or a view can be. Anything else takes the dequantizing path."""
-        return (_has_kernel("aten::_weight_int8pack_mm", x.device.type) and self.in_features % 16 == 0
-                and self.weight.data_ptr() % _KERNEL_ALIGNMENT == 0)
+        as a safetensors slice or a view can be. W is kept aligned (`_load_from_state_dict`; quantizing and
+        moving allocate anew); x is copied in `forward` if it is not. Otherwise: the dequantizing path."""
+        if x.device.type not in INT8_KERNEL_DEVICES or self.in_features % 16 != 0:
+            return False
+        return torch.compiler.is_compiling() or self.weight.data_ptr() % _KERNEL_ALIGNMENT == 0
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 per channel"
