@@ -44,7 +44,9 @@ def build_model(preset: str) -> Transformer:
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
-    return model.to(torch.bfloat16).eval()
+    model = model.to(torch.bfloat16).eval()
+    model.reset_buffers()  # RoPE frequencies in fp32, as a loaded checkpoint has them
+    return model
 
 
 def projections(model: nn.Module) -> list[tuple[str, nn.Module]]:

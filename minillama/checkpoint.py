@@ -304,6 +304,8 @@ def load(directory: str | Path, *, device: torch.device | str = "cpu", dtype: to
     quantizes the weights after loading (`minillama.infer.quantize.quantize`).
     """
     directory = Path(directory)
+    if group_size is not None and quantize is None:
+        raise MinillamaError(f"group size {group_size} given without quantize='int4' (--quantize int4)")
     if quantize is not None:
         from minillama.infer.quantize import QuantizationSpec, quantization_spec
         from minillama.infer.quantize import quantize as quantize_model

@@ -197,6 +197,8 @@ def test_quantizing_at_load_time_equals_quantizing_after_loading(tmp_path):
     save(quantize(small_model(), "int8"), None, tmp_path / "int8")
     with pytest.raises(MinillamaError, match="already quantized"):
         load(tmp_path / "int8", quantize="int4")
+    with pytest.raises(MinillamaError, match="group size 32 given without quantize="):
+        load(tmp_path / "bf16", group_size=32)
 
 
 def test_quantized_checkpoint_with_wrong_tensors_or_config_is_refused(tmp_path):

@@ -357,8 +357,12 @@ class QuantizationSpec:
         if config.get("format_version") != FORMAT_VERSION:
             raise MinillamaError(f"{source}: quantization_config.format_version={config.get('format_version')!r}, "
                                  f"this minillama reads version {FORMAT_VERSION}")
+        quantize_output = config.get("quantize_output", True)
+        if not isinstance(quantize_output, bool):
+            raise MinillamaError(f"{source}: quantization_config.quantize_output must be true or false, got "
+                                 f"{quantize_output!r}")
         try:
-            spec = cls(config.get("method"), config.get("group_size"), bool(config.get("quantize_output", True)))
+            spec = cls(config.get("method"), config.get("group_size"), quantize_output)
         except MinillamaError as exc:
             raise MinillamaError(f"{source}: quantization_config: {exc}") from None
         if config.get("bits") != spec.bits:
