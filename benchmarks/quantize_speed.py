@@ -10,7 +10,7 @@ cores could compute from it: its speed is memory bandwidth / bytes per token. Tw
 - decode: the whole Transformer, one token per forward with the KV cache after a short prompt (tokens/s).
 The bandwidth limit is bytes read per token / this machine's copy bandwidth (minillama.plan.hardware's probe: a
 large tensor copy, counted here as bytes copied per second, i.e. its read stream). Weights are random: speed
-does not depend on their values. Prints a table; writes benchmarks/results/quantize_speed.json.
+does not depend on their values. Prints a table; writes benchmarks/results/quantize_speed_*.json.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ def main() -> None:
     parser.add_argument("--passes", type=int, default=5, help="matmul passes (the best is kept)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps (the median and the best are kept)")
     parser.add_argument("--prompt", type=int, default=16)
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "quantize_speed.json"))
+    parser.add_argument("--out", help="JSON file (default: benchmarks/results/quantize_speed_PRESET_Nthreads.json)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -161,7 +161,8 @@ def main() -> None:
     for r in results:
         cells = [f"{r['per_shape'][k]['us_per_call']:.0f} ({r['per_shape'][k]['gb_per_s']:.1f})" for k in shapes]
         print(f"{r['method']:<20}" + "".join(f"{c:>22}" for c in cells))
-    out = Path(args.out)
+    out = Path(args.out or ROOT / "benchmarks" / "results" /
+               f"quantize_speed_{args.preset}_{torch.get_num_threads()}threads.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(dict(preset=args.preset, threads=torch.get_num_threads(), cpu=cpu_model_name(),
                                    torch=torch.__version__, copy_bytes_per_s=copy_bytes_per_s, results=results),

@@ -13,14 +13,16 @@ torchao's `quantize_`.
 
 Kernels are PyTorch's own weight-packed matmuls, chosen because they read the weights at close to this machine's
 memory bandwidth (benchmarks/quantize_speed.py; numbers in benchmarks/RESULTS.md):
-- int8: `aten._weight_int8pack_mm(x, q, scales)` on CPU (int8 (N, K) needs no packing). Where a device has no
-  kernel for it (CUDA in torch 2.11-2.13), `F.linear(x, q.to(x.dtype)) * scales`, which torch.compile fuses
-  into one pass over the int8 weights (gpt-fast's formulation).
+- int8: `aten._weight_int8pack_mm(x, q, scales)` (int8 (N, K) needs no packing), on every device type whose
+  build registers a kernel for it (the CPU here). Elsewhere, `F.linear(x, q.to(x.dtype)) * scales`, which
+  torch.compile fuses into one pass over the int8 weights (gpt-fast's formulation).
 - int4: `aten._weight_int4pack_mm_for_cpu` / `aten._weight_int4pack_mm` (CUDA), the "tinygemm" kernels, on a
   device-specific packed layout made by `_convert_weight_to_int4pack(_for_cpu)`. Their dequantization is
   (q - 8) * scale + zero, hence the asymmetric scheme with tinygemm's zero convention.
-torchao 0.18 was measured and not used: its `Int8WeightOnlyConfig` on CPU dequantizes the whole matrix per call
-(~100x slower than the aten kernel at decode shapes) and its CPU int4 path is a prototype.
+torchao 0.18 (installed with --no-deps beside torch 2.13) was tried and not used: `quantize_(m,
+Int8WeightOnlyConfig())` ran a 3072 x 1024 matmul at M = 1 in 9.2 ms on this CPU, where the aten kernel takes
+0.1-0.3 ms, and its `Int4WeightOnlyConfig` wants the `mslk` package (its CPU int4 layout is a prototype).
+Both kernels used here reach the memory bandwidth, so no kernel of our own is written.
 
 Checkpoints hold a portable layout, never a kernel's: int8 `weight` (N, K) + `weight_scale` (N,); int4
 `weight_packed` (N, K/2) uint8 with column 2j in the high nibble and 2j+1 in the low one (the layout CUDA's
