@@ -224,8 +224,8 @@ class Int4Linear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, group_size: int, scale_dtype: torch.dtype | None = None) -> Int4Linear:
         weight = linear.weight
-        module = cls(linear.in_features, linear.out_features, group_size, device=weight.device,
-                     dtype=scale_dtype or weight.dtype)
+        dtype = torch.bfloat16 if weight.device.type == "cuda" else scale_dtype or weight.dtype  # see set_quantized
+        module = cls(linear.in_features, linear.out_features, group_size, device=weight.device, dtype=dtype)
         q, scale, zero = quantize_int4(weight, group_size, module.scale_and_zero.dtype)
         module.set_quantized(q, scale, zero)
         return module
@@ -233,6 +233,8 @@ class Int4Linear(nn.Module):
     def set_quantized(self, q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> None:
         """Take values 0..15 (N, K) and their (N, K/G) scales and zeros, packing for the device q lies on."""
         check_int4_device(q.device)
+        if q.device.type == "cuda":  # CUDA's tinygemm takes bf16 activations and scales only (CPU's: any float)
+            scale, zero = scale.to(torch.bfloat16), zero.to(torch.bfloat16)
         self.scale_and_zero = torch.stack([scale.t(), zero.t()], dim=-1).contiguous()  # (K/G, N, 2)
         if q.device.type == "meta":
             self.weight_packed = torch.empty(q.shape[0], q.shape[1] // 2, dtype=torch.uint8, device="meta")
