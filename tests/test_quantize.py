@@ -118,6 +118,18 @@ def test_quantized_linear_equals_x_times_dequantized_weight(method, group_size, 
     assert float((got.double() - expected).norm() / expected.norm()) < rtol
 
 
+def test_int8_shapes_and_views_the_kernel_cannot_take_still_compute_the_same():
+    """aten's int8 kernel crashes on K % 16 != 0 and on misaligned inputs: those take the dequantizing path or a
+    copy, and give x @ dequantized(W).T all the same."""
+    odd = Int8Linear.from_linear(linear(32, 40, torch.bfloat16))  # K = 40: the dequantizing path
+    x = torch.randn(6, 40).to(torch.bfloat16)
+    assert torch.allclose(odd(x).float(), x.float() @ odd.dequantized().T, rtol=1e-2, atol=1e-2)
+    module = Int8Linear.from_linear(linear(48, 256, torch.bfloat16))
+    buffer = torch.randn(3 * 256 + 3).to(torch.bfloat16)
+    view = buffer[3:].view(3, 256)  # 6 bytes past an aligned start
+    assert torch.equal(module(view), module(view.clone()))
+
+
 def test_int4_module_reads_back_its_values_and_survives_a_state_dict_round_trip():
     source = linear(32, 128, torch.bfloat16)
     module = Int4Linear.from_linear(source, 64)

@@ -45,9 +45,11 @@ from minillama.errors import MinillamaError
 
 METHODS = ("int8", "int4")
 INT4_GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm kernels accept (qGroupSize)
-# 32 rather than torchao's 128: on our small models (dim 128-384) group 128 cost up to 4x the perplexity of
-# group 32 (benchmarks/quantize_quality.py, RESULTS.md), and group 32 decodes as fast (its scales are 1/16 of
-# the 4-bit weights' bytes).
+# 32 rather than torchao's 128, for quality: int4 cost +0.48% perplexity at group 32 against +0.84% at 128 on the
+# Shakespeare recipe's model, and +0.75% against +1.4% (group 64) on the tests' tiny one; the undertrained 15m
+# default-recipe model showed no difference beyond noise (+0.14% / +0.07%) (benchmarks/quantize_quality.py,
+# RESULTS.md). The price: 5 bits per weight instead of 4.25 (a bf16 scale and zero per group), on 350m 18% more
+# bytes read per token.
 DEFAULT_GROUP_SIZE = 32
 QUANT_METHOD = "minillama"  # `quant_method` of config.json's quantization_config
 FORMAT_VERSION = 1
