@@ -13,7 +13,7 @@ tokens greedily without stopping at EOS.
   the engine's default, the decode step compiled into CUDA graphs). `-b8` suffix: 8 prompts decoded together.
   `minillama-fp32-compiled`: the engine with compile=True (static cache, torch.compile'd decode step), to see what
   compiling gives on this device.
-- `minillama-int8`, `minillama-int4`: the same over a model quantized by `minillama.infer.quantize.quantize(model,
+- `minillama-int8`, `minillama-int4`: the same over a model quantized by `minillama.quantize.quantize(model,
   "int8" | "int4")`. Where that module does not exist yet the rows say "not available"; no numbers are invented.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
   sdpa and its default dynamic cache; `hf-<attn>-static-compiled-<dtype>`: with cache_implementation="static"
@@ -86,9 +86,9 @@ def parse(name: str) -> dict:
 
 
 def quantizer(mode: str):
-    """minillama.infer.quantize.quantize(model, mode) when the quantization module exists, else None."""
+    """minillama.quantize.quantize(model, mode) when the quantization module exists, else None."""
     try:
-        from minillama.infer.quantize import quantize
+        from minillama.quantize import quantize
     except ImportError:
         return None
     return lambda model: quantize(model, mode)
@@ -273,7 +273,7 @@ def run_preset(preset: str, contestants: list[str], args, bandwidth: float) -> d
     for name in contestants:
         settings = parse(name)
         if settings["kind"] == "minillama" and settings["dtype"] in QUANTIZED and quantizer(settings["dtype"]) is None:
-            unavailable[name] = "not available (no minillama.infer.quantize yet)"
+            unavailable[name] = "not available (no minillama.quantize yet)"
             continue
         conn, child = ctx.Pipe()
         started = time.perf_counter()

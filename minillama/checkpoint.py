@@ -34,6 +34,7 @@ from minillama.interop.hf import (
     config_to_hf,
     from_hf_name,
     hf_state_dict,
+    ties_output,
     to_hf_name,
     unwrap_compiled,
 )
@@ -46,12 +47,28 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
 # Names `load` takes as evidence that a directory holds a tokenizer: HF tokenizers, sentencepiece, tiktoken.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "tokenizer.tiktoken")
+# A quantized checkpoint (quantize.py) stores its weights under another name: transformers 5 only warns
+# about an unknown `quantization_config` and would cast the int8 tensors into its bf16 Linears, loading garbage;
+# without a model.safetensors it stops with "no file named model.safetensors" instead (tests/test_quantize.py).
+QUANTIZED_STEM = "minillama-quantized"
+
+
+def _weight_file_names(quantized: bool) -> tuple[str, str, str]:
+    """(single file, index file, shard stem) of a plain or a quantized checkpoint."""
+    if not quantized:
+        return WEIGHTS_FILE, INDEX_FILE, "model"
+    return f"{QUANTIZED_STEM}.safetensors", f"{QUANTIZED_STEM}.safetensors.index.json", QUANTIZED_STEM
+
 
 def read_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory, from its config.json."""
+    source, hf = _read_hf_config(directory)
+    return config_from_hf(hf, source)
+
+
+def _read_hf_config(directory: str | Path) -> tuple[str, dict]:
     path = Path(directory) / CONFIG_FILE
-    hf = read_json(path, missing=f"{path}: not found; a checkpoint directory needs a config.json")
-    return config_from_hf(hf, source=str(path))
+    return str(path), read_json(path, missing=f"{path}: not found; a checkpoint directory needs a config.json")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -95,6 +112,9 @@ def save_model_files(model: torch.nn.Module, tokenizer: Any, directory: str | Pa
     tensors = hf_state_dict(model, dtype)
     float_dtypes = {t.dtype for t in tensors.values() if t.is_floating_point()}
     hf_config = config_to_hf(cfg, float_dtypes.pop() if len(float_dtypes) == 1 else None)
+    quantization = getattr(unwrap_compiled(model), "quantization", None)  # set by quantize.py
+    if quantization is not None:
+        hf_config["quantization_config"] = quantization.to_hf()
     if tokenizer is not None:
         if tokenizer.vocab_size > cfg.vocab_size:
             raise MinillamaError(f"tokenizer vocab_size={tokenizer.vocab_size} exceeds the model's "
@@ -105,19 +125,20 @@ def save_model_files(model: torch.nn.Module, tokenizer: Any, directory: str | Pa
                 hf_config[key] = getattr(tokenizer, attr)
         tokenizer.save(directory)  # first, so that a stray config.json of its own is overwritten by ours
 
+    single_file, index_file, stem = _weight_file_names("quantization_config" in hf_config)
     shards = _plan_shards(tensors, max_shard_bytes)
     if len(shards) == 1:
-        _write_shard(tensors, directory / WEIGHTS_FILE)
+        _write_shard(tensors, directory / single_file)
     else:
         weight_map = {}
         for i, names in enumerate(shards, start=1):
-            file_name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            file_name = f"{stem}-{i:05d}-of-{len(shards):05d}.safetensors"
             _write_shard({name: tensors[name] for name in names}, directory / file_name)
             weight_map.update(dict.fromkeys(names, file_name))
         total_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
         total_parameters = sum(t.numel() for t in tensors.values())
         _write_json({"metadata": {"total_size": total_bytes, "total_parameters": total_parameters},
-                     "weight_map": weight_map}, directory / INDEX_FILE)
+                     "weight_map": weight_map}, directory / index_file)
     _write_json(hf_config, directory / CONFIG_FILE)
 
 
@@ -137,14 +158,15 @@ def save(model: torch.nn.Module, tokenizer: Any, directory: str | Path, *,
 # --------------------------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------------------------
-def _weight_files(directory: Path) -> tuple[list[Path], dict[str, str] | None]:
+def _weight_files(directory: Path, quantized: bool = False) -> tuple[list[Path], dict[str, str] | None]:
     """The safetensors files to read, and the index's weight_map when the checkpoint is sharded. A single
     model.safetensors wins over an index, as in transformers."""
-    single = directory / WEIGHTS_FILE
+    single_file, index_file, _ = _weight_file_names(quantized)
+    single = directory / single_file
     if single.exists():
         return [single], None
-    index_path = directory / INDEX_FILE
-    index = read_json(index_path, missing=f"{directory}: no {WEIGHTS_FILE} and no {INDEX_FILE}; no weights to load")
+    index_path = directory / index_file
+    index = read_json(index_path, missing=f"{directory}: no {single_file} and no {index_file}; no weights to load")
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise MinillamaError(f"{index_path}: expected a 'weight_map' object of tensor name -> shard file")
@@ -175,15 +197,20 @@ def _read_shard(path: Path, device: torch.device, dtype: torch.dtype | None) -> 
 
 
 def load_state(directory: str | Path, cfg: ModelConfig, *, device: torch.device | str = "cpu",
-               dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The tensors of a checkpoint directory under our names, checked name by name and shape by shape against
-    the model `cfg` describes. A tied output projection appears as `tok_embeddings.weight` only."""
+               dtype: torch.dtype | None = None, template: torch.nn.Module | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory under our names, checked name by name and shape by shape (and the
+    dtype of integer tensors) against `template`, a model on the meta device (default: the one `cfg`
+    describes). A tied output projection appears as `tok_embeddings.weight` only."""
     directory, device = Path(directory), torch.device(device)
-    with torch.device("meta"):
-        expected = {name: tuple(t.shape) for name, t in Transformer(cfg).state_dict().items()}
-    if cfg.tie_embeddings:
+    if template is None:
+        with torch.device("meta"):
+            template = Transformer(cfg)
+    expected = {name: tuple(t.shape) for name, t in template.state_dict().items()}
+    integer_dtypes = {name: t.dtype for name, t in template.state_dict().items() if not t.is_floating_point()}
+    if ties_output(template):
         del expected["output.weight"]
-    files, weight_map = _weight_files(directory)
+    quantized = getattr(template, "quantization", None) is not None  # set by quantize.py
+    files, weight_map = _weight_files(directory, quantized)
     state: dict[str, torch.Tensor] = {}
     source: dict[str, Path] = {}
     for path in files:
@@ -191,7 +218,7 @@ def load_state(directory: str | Path, cfg: ModelConfig, *, device: torch.device 
             name = from_hf_name(hf_name)
             if name is None and hf_name.endswith("rotary_emb.inv_freq"):
                 continue  # transformers < 4.31 saved RoPE frequencies; we derive them from the config
-            if name == "output.weight" and cfg.tie_embeddings:
+            if name == "output.weight" and ties_output(template):
                 continue  # some tied checkpoints store lm_head too; transformers ignores it and so do we
             if name is None or name not in expected:
                 raise MinillamaError(f"{path}: unexpected tensor {hf_name} for the model config.json describes "
@@ -201,15 +228,20 @@ def load_state(directory: str | Path, cfg: ModelConfig, *, device: torch.device 
             if tuple(tensor.shape) != expected[name]:
                 raise MinillamaError(f"{path}: tensor {hf_name} has shape {tuple(tensor.shape)} but config.json "
                                      f"implies {expected[name]}")
+            wanted = integer_dtypes.get(name)  # quantized weights; anything else is floating point
+            if (tensor.dtype != wanted) if wanted is not None else not tensor.is_floating_point():
+                raise MinillamaError(f"{path}: tensor {hf_name} has dtype {tensor.dtype} but config.json implies "
+                                     f"{integer_dtypes.get(name, 'a floating-point dtype')}")
             state[name], source[name] = tensor, path
     if weight_map is not None:
+        index_path = directory / _weight_file_names(quantized)[1]
         for hf_name, file_name in weight_map.items():
             name = from_hf_name(hf_name)
             if name in state and source[name].name != file_name:
-                raise MinillamaError(f"{directory / INDEX_FILE} places {hf_name} in {file_name}, but it is in "
+                raise MinillamaError(f"{index_path} places {hf_name} in {file_name}, but it is in "
                                      f"{source[name].name}")
             if name in expected and name not in state:
-                raise MinillamaError(f"{directory / INDEX_FILE} places {hf_name} in {file_name}, which lacks it")
+                raise MinillamaError(f"{index_path} places {hf_name} in {file_name}, which lacks it")
     for name in expected:
         if name not in state:
             where = ", ".join(p.name for p in files)
@@ -227,14 +259,21 @@ def load_model(directory: str | Path, *, device: torch.device | str = "cpu",
     """
     directory = Path(directory)
     _check_directory(directory)
-    cfg = read_config(directory)
-    state = load_state(directory, cfg, device=device, dtype=dtype)
+    source, hf = _read_hf_config(directory)
+    cfg = config_from_hf(hf, source)
     with torch.device("meta"):
         model = Transformer(cfg)
-    if cfg.tie_embeddings:
+    if "quantization_config" in hf:
+        # Quantized Linears are swapped in from outside the model (quantize.py, which imports this module).
+        from minillama.quantize import QuantizationSpec, quantize_structure
+
+        quantize_structure(model, QuantizationSpec.from_hf(hf["quantization_config"], source), torch.bfloat16)
+    tied = ties_output(model)
+    state = load_state(directory, cfg, device=device, dtype=dtype, template=model)
+    if tied:
         state["output.weight"] = state["tok_embeddings.weight"]
     model.load_state_dict(state, strict=True, assign=True)
-    if cfg.tie_embeddings:
+    if tied:
         # assign=True gave each name its own Parameter; tie them back into one, as the constructor does.
         model.output.weight = model.tok_embeddings.weight
     model.reset_buffers()  # RoPE frequencies are still on the meta device: derived, never stored
@@ -256,15 +295,28 @@ def has_tokenizer(directory: str | Path) -> bool:
     return any((Path(directory) / name).exists() for name in TOKENIZER_FILES)
 
 
-def load(directory: str | Path, *, device: torch.device | str = "cpu",
-         dtype: torch.dtype | None = None) -> tuple[Transformer, Any]:
+def load(directory: str | Path, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+         quantize: str | None = None, group_size: int | None = None) -> tuple[Transformer, Any]:
     """(model, tokenizer) from a checkpoint directory; the tokenizer is None when the directory has none.
 
-    Works on directories written by `save` and on Hugging Face Llama directories (transformers'
-    `save_pretrained`, Hub downloads).
+    Works on directories written by `save` (quantized ones included) and on Hugging Face Llama directories
+    (transformers' `save_pretrained`, Hub downloads). `quantize="int8"` or `"int4"` (with `group_size`)
+    quantizes the weights after loading (`minillama.quantize.quantize`).
     """
     directory = Path(directory)
+    if group_size is not None and quantize is None:
+        raise MinillamaError(f"group size {group_size} given without quantize='int4' (--quantize int4)")
+    if quantize is not None:
+        from minillama.quantize import QuantizationSpec, quantization_spec
+        from minillama.quantize import quantize as quantize_model
+
+        spec = QuantizationSpec.create(quantize, group_size)  # bad values fail before the weights are read
     model = load_model(directory, device=device, dtype=dtype)
+    if quantize is not None:
+        if quantization_spec(model) is not None:
+            raise MinillamaError(f"{directory} is already quantized ({quantization_spec(model).method}); load it "
+                                 "without quantizing again")
+        quantize_model(model, spec.method, spec.group_size)
     tokenizer = None
     if has_tokenizer(directory):
         from minillama.tokenizer import load_tokenizer  # tokenizer sits beside checkpoint in the layering

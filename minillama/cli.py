@@ -149,7 +149,7 @@ def run_data_inspect(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
-# train, eval, generate  (owned by minillama/train/, minillama/eval.py, minillama/infer/)
+# train, eval, generate, quantize  (owned by minillama/train/, minillama/eval.py, minillama/infer/)
 # --------------------------------------------------------------------------------------------------------------
 def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="pretrain a model (no --config: the embedded default recipe)")
@@ -181,6 +181,7 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, help="--task: score only the first N items")
     p.add_argument("--seed", type=int, default=1234, help="--task: seed of the shots' draw (default 1234, lm-eval's)")
     p.add_argument("--json", action="store_true", help="print a JSON object")
+    add_quantize_arguments(p)
     p.set_defaults(handler=run_eval)
 
     # lm_eval's own argument parser reads everything after `lm-eval`; prefix_chars that no argument starts with
@@ -191,6 +192,15 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_lm_eval)
 
     add_generate_command(sub)
+
+    p = sub.add_parser("quantize", help="write a weight-only int8 or int4 copy of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face format, not yet quantized)")
+    p.add_argument("--to", required=True, metavar="int8|int4", help="int8: per output channel; int4: per group")
+    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale: 32, 64, 128 or 256 "
+                                                                "(default 32)")
+    p.add_argument("--keep-output", action="store_true", help="leave the output head in bf16")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the quantized checkpoint")
+    p.set_defaults(handler=run_quantize)
 
 
 def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -222,8 +232,23 @@ def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     o.add_argument("--compile", action="store_true", default=None,
                    help="compile the decode step (default on CUDA; on CPU faster per token but 30-90 s to compile)")
     o.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
+    add_quantize_arguments(p)
     p.set_defaults(handler=run_generate)
     return p
+
+    p = sub.add_parser("quantize", help="write a weight-only int8 or int4 copy of a checkpoint")
+    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face format, not yet quantized)")
+    p.add_argument("--to", required=True, metavar="int8|int4", help="int8: per output channel; int4: per group")
+    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale: 32, 64, 128 or 256 "
+                                                                "(default 32)")
+    p.add_argument("--keep-output", action="store_true", help="leave the output head in bf16")
+    p.add_argument("--out", required=True, metavar="DIR", help="directory for the quantized checkpoint")
+    p.set_defaults(handler=run_quantize)
+
+
+def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", metavar="int8|int4", help="quantize the weights at load time (weight-only)")
+    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale (default 32)")
 
 
 def run_train(args: argparse.Namespace) -> None:
@@ -263,7 +288,7 @@ def run_eval(args: argparse.Namespace) -> None:
         run_eval_task(args)
         return
     result = evaluate_path(args.checkpoint, args.data, seq_len=args.seq_len, batch_size=args.batch_size,
-                           dtype=args.dtype)
+                           dtype=args.dtype, quantize=args.quantize, group_size=args.group_size)
     if args.json:
         print(json.dumps(result.to_dict()))
     else:
@@ -317,7 +342,8 @@ def run_generate(args: argparse.Namespace) -> None:
         import torch
 
         torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype)
+    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype,
+                                          quantize=args.quantize, group_size=args.group_size)
     # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
     # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
     engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
@@ -366,6 +392,15 @@ def run_convert_meta(args: argparse.Namespace) -> None:
     from minillama.interop.meta import convert_meta
 
     print(convert_meta(args.directory, args.out, max_seq_len=args.max_seq_len))
+
+
+def run_quantize(args: argparse.Namespace) -> None:
+    from minillama.quantize import quantize_checkpoint
+
+    spec = quantize_checkpoint(args.checkpoint, args.out, args.to, args.group_size,
+                               quantize_output=not args.keep_output)
+    group = f", group size {spec.group_size}" if spec.group_size else ""
+    print(f"{spec.method} weight-only{group}{'' if spec.quantize_output else ', output head in bf16'} -> {args.out}")
 
 
 # --------------------------------------------------------------------------------------------------------------

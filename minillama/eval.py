@@ -114,11 +114,12 @@ def _result(nats: float, tokens: int, n_bytes: int) -> EvalResult:
 
 
 def evaluate_path(checkpoint: str | Path, data: str | Path, seq_len: int | None = None, batch_size: int = 8,
-                  dtype: str = "bf16") -> EvalResult:
-    """A text file is read whole and scored; a directory with manifest.json is scored on its validation split."""
+                  dtype: str = "bf16", quantize: str | None = None, group_size: int | None = None) -> EvalResult:
+    """A text file is read whole and scored; a directory with manifest.json is scored on its validation split.
+    `quantize` ("int8", "int4" with `group_size`) quantizes the weights at load time (`checkpoint.load`)."""
     from minillama.checkpoint import load
 
-    model, tokenizer = load(checkpoint)
+    model, tokenizer = load(checkpoint, quantize=quantize, group_size=group_size)
     data = Path(data)
     if data.is_dir() and (data / "manifest.json").exists():
         return evaluate_prepared(model, data, seq_len, batch_size, dtype)

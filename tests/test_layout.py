@@ -1,7 +1,7 @@
 """The package's layering: imports only point down (../shared/STYLE.md, README "How the code is laid out").
 
-    foundations (errors, files, tables, config, kernels, runtime)  <-  model  <-  checkpoint, tokenizer, data,
-    interop.hf  <-  eval, plan, interop converters  <-  train, infer  <-  serve  <-  cli
+    foundations (errors, files, tables, config, kernels, runtime)  <-  model  <-  checkpoint, quantize, tokenizer,
+    data, interop.hf  <-  eval, plan, interop converters  <-  train, infer  <-  serve  <-  cli
 
 A module may import its own layer or any below it, at module level or inside a function alike.
 """
@@ -16,7 +16,8 @@ LAYERS = [
     ["minillama", "minillama.errors", "minillama.files", "minillama.tables", "minillama.config",
      "minillama.kernels", "minillama.runtime"],
     ["minillama.model"],
-    ["minillama.interop", "minillama.interop.hf", "minillama.checkpoint", "minillama.tokenizer", "minillama.data"],
+    ["minillama.interop", "minillama.interop.hf", "minillama.checkpoint", "minillama.quantize", "minillama.tokenizer",
+     "minillama.data"],
     ["minillama.eval", "minillama.tasks", "minillama.plan", "minillama.interop.gguf", "minillama.interop.meta"],
     ["minillama.train", "minillama.infer"],
     ["minillama.serve", "minillama.interop.lm_eval"],

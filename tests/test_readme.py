@@ -22,7 +22,7 @@ from minillama.tasks import TASK_DIR
 README = Path(__file__).resolve().parents[1] / "README.md"
 
 RUN = {("presets",), ("tokenizer", "train"), ("tokenizer", "encode"), ("tokenizer", "decode"), ("data", "prepare"),
-       ("data", "inspect"), ("eval",), ("generate",), ("plan",), ("export", "gguf")}
+       ("data", "inspect"), ("eval",), ("generate",), ("plan",), ("export", "gguf"), ("quantize",)}
 HELP_ONLY = {
     ("train",): "minutes of training; tests/test_train.py trains through the CLI on a tiny config",
     ("convert", "meta"): "needs a Meta-format checkpoint; tests/test_meta.py writes sharded ones and converts "
@@ -36,7 +36,7 @@ FLAG_VALUES = {"--input": "{text}", "--vocab-size": "300", "--out": "{out}", "--
                "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:", "--dp": "2",
                "--activation-checkpointing": "selective"}
 # Positional arguments, for the placeholders (or the `...`) that stand for them.
-POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"],
+POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"], ("quantize",): ["{checkpoint}"],
                ("tokenizer", "encode"): ["hello world"], ("tokenizer", "decode"): ["1", "2", "3"]}
 PLACEHOLDER = re.compile(r"[A-Z][A-Z0-9_]*(\.[a-z]+)?\.*")
 

@@ -59,13 +59,16 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     return DTYPES[name]
 
 
-def load_for_inference(checkpoint: str | Path, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any]:
-    """(model, tokenizer) of a checkpoint on `device` in `dtype`, ready for an Engine; a tokenizer is required."""
+def load_for_inference(checkpoint: str | Path, device: str = "auto", dtype: str = "auto",
+                       quantize: str | None = None, group_size: int | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) of a checkpoint on `device` in `dtype` (weight-only int8/int4 with `quantize`, or as a
+    quantized checkpoint says), ready for an Engine; a tokenizer is required."""
     from minillama.checkpoint import load
     from minillama.runtime import resolve_device
 
     resolved = resolve_device(device)
-    model, tokenizer = load(checkpoint, device=resolved, dtype=inference_dtype(dtype, resolved))
+    model, tokenizer = load(checkpoint, device=resolved, dtype=inference_dtype(dtype, resolved), quantize=quantize,
+                            group_size=group_size)
     if tokenizer is None:
         raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")
     return model.eval(), tokenizer

@@ -47,7 +47,14 @@ _COMPILE_PREFIX = "_orig_mod."
 
 
 def to_hf_name(name: str) -> str:
-    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`."""
+    """`layers.3.attention.wq.weight` -> `model.layers.3.self_attn.q_proj.weight`. Other tensors of a known
+    module keep their own name beside its weight (a quantized projection's `weight_scale`, quantize.py)."""
+    module, _, tensor = name.rpartition(".")
+    if tensor != "weight" and module:
+        try:
+            return to_hf_name(f"{module}.weight").removesuffix("weight") + tensor
+        except MinillamaError:
+            raise MinillamaError(f"parameter {name!r} has no Hugging Face LlamaForCausalLM name") from None
     if name in _TOP_LEVEL_NAMES:
         return _TOP_LEVEL_NAMES[name]
     match = re.fullmatch(r"layers\.(\d+)\.(.+)", name)
@@ -58,6 +65,10 @@ def to_hf_name(name: str) -> str:
 
 def from_hf_name(name: str) -> str | None:
     """`model.layers.3.self_attn.q_proj.weight` -> `layers.3.attention.wq.weight`; None for a name we lack."""
+    module, _, tensor = name.rpartition(".")
+    if tensor != "weight" and module:
+        ours = from_hf_name(f"{module}.weight")
+        return None if ours is None else ours.removesuffix("weight") + tensor
     if name in _TOP_LEVEL_FROM_HF:
         return _TOP_LEVEL_FROM_HF[name]
     match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
@@ -230,17 +241,24 @@ def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def ties_output(model: torch.nn.Module) -> bool:
+    """Whether the output projection is the embedding matrix itself. A tied config's model is, unless its head
+    was replaced by a quantized one (quantize.py), which keeps the embedding in floating point."""
+    model = unwrap_compiled(model)
+    return getattr(model.output, "weight", None) is model.tok_embeddings.weight
+
+
 def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors under HF names, contiguous on the CPU, floats cast to `dtype` if given.
 
     A tied output projection is left out: HF ties it back from `tie_word_embeddings`, and safetensors refuses
     two names for one storage anyway.
     """
-    cfg = unwrap_compiled(model).cfg
+    tied = ties_output(model)
     tensors = {}
     for name, tensor in model.state_dict().items():
         name = name.replace(_COMPILE_PREFIX, "")
-        if cfg.tie_embeddings and name == "output.weight":
+        if tied and name == "output.weight":
             continue
         if tensor.device.type == "meta":
             raise MinillamaError(f"cannot save {name}: it is on the meta device (call init_weights() or load "
@@ -252,4 +270,4 @@ def hf_state_dict(model: torch.nn.Module, dtype: torch.dtype | None = None) -> d
 
 
 __all__ = ["CONFIG_FILE", "to_hf_name", "from_hf_name", "config_from_hf", "config_to_hf", "hf_state_dict",
-           "unwrap_compiled"]
+           "ties_output", "unwrap_compiled"]

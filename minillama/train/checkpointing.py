@@ -178,6 +178,8 @@ def save_training_checkpoint(out_dir: Path, step: int, model: torch.nn.Module, t
                     with torch.device("meta"):
                         export = Transformer(model.cfg)
                     export.load_state_dict(full_state, assign=True)
+                    if model.cfg.tie_embeddings:  # assign=True gives each name its own Parameter: one matrix again
+                        export.output.weight = export.tok_embeddings.weight
                     checkpoint.save_model_files(export, tokenizer, tmp)
                     state = dict(step=step, bad_in_a_row=bad_in_a_row, bad_total=bad_total, max_steps=max_steps,
                                  length_decided=length_decided, world_size=dist.world_size)
