@@ -33,7 +33,8 @@ HELP_ONLY = {
 # A placeholder after one of these flags takes this value ({name}: a fixture below).
 FLAG_VALUES = {"--input": "{text}", "--vocab-size": "300", "--out": "{out}", "--tokenizer": "{tokenizer}",
                "--checkpoint": "{checkpoint}", "--data": "{text}", "--task": "{task}", "--shots": "1",
-               "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:"}
+               "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:", "--draft": "{checkpoint}",
+               "--draft-tokens": "2", "--prompt-lookup": "2"}
 # Positional arguments, for the placeholders (or the `...`) that stand for them.
 POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"], ("tokenizer", "encode"): ["hello world"],
                ("tokenizer", "decode"): ["1", "2", "3"]}

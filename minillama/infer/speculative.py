@@ -19,6 +19,9 @@ Drafters.
   looked up earlier in its own prompt and output, most recent occurrence first; the tokens that followed are the
   draft. No model, so it pays only where text repeats (code, quotes, summaries of the prompt).
 
+A sequence's first token comes from its prefill, as in Engine; speculation starts with the second. Each row
+drafts k tokens, fewer near its max_new_tokens (k + 1 tokens would pass it).
+
 Verification. The model reads, per row, the last accepted token and the k drafts at their positions in one
 forward, which gives its distribution p at each of the k + 1 positions. Rows with fewer drafts (near max_new_tokens,
 or a lookup that found less) are left-padded with copies of their first token at its own position: a copy
