@@ -54,12 +54,13 @@ DRAFT_SHAPE = dict(dim=128, n_layers=2, n_heads=4, n_kv_heads=2, ffn_hidden_dim=
 
 
 def train_cached(name: str, shape: dict, budget_s: float, text: str, work: Path, tokenizer: Path | None) -> Path:
-    """The newest checkpoint of work/name, trained first if there is none (the recipe with `shape`)."""
+    """The newest checkpoint of work/NAME-dDIM-lLAYERS-BUDGETs, trained first if there is none (the recipe with
+    `shape`, for budget_s)."""
     from minillama.train import load_run_config, train
     from minillama.train.checkpointing import latest_checkpoint
     from minillama.train.config import CONFIG_DIR
 
-    out = work / name
+    out = work / f"{name}-d{shape['dim']}-l{shape['n_layers']}-{budget_s:g}s"
     done = latest_checkpoint(out) if out.is_dir() else None
     if done is not None:
         print(f"{name}: cached {done}", flush=True)
