@@ -233,6 +233,12 @@ def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
                    help="compile the decode step (default on CUDA; on CPU faster per token but 30-90 s to compile)")
     o.add_argument("--threads", type=int, help="CPU threads (torch.set_num_threads); 1 is fastest on a busy machine")
     add_quantize_arguments(p)
+    d = p.add_argument_group("speculative decoding (the same text greedily; the same distribution when sampling)")
+    d.add_argument("--draft", metavar="CKPT", help="a smaller checkpoint with the same tokenizer drafts tokens that "
+                                                   "the model verifies several at a time")
+    d.add_argument("--prompt-lookup", type=int, metavar="N", help="draft by looking up the sequence's last n tokens "
+                                                                  "(n <= N) earlier in its prompt and output")
+    d.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per step (default 4)")
     p.set_defaults(handler=run_generate)
     return p
 
@@ -320,7 +326,7 @@ def run_lm_eval(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from minillama.infer import SamplingParams
+    from minillama.infer import Engine, SamplingParams
     from minillama.infer.generate import (
         completion_record,
         engine_for_prompts,
@@ -346,8 +352,15 @@ def run_generate(args: argparse.Namespace) -> None:
                                           quantize=args.quantize, group_size=args.group_size)
     # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
     # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
+    engine_class, engine_options = Engine, {}
+    if args.draft is not None or args.prompt_lookup is not None or args.draft_tokens is not None:
+        from minillama.infer.speculative import SpeculativeEngine, speculative_options
+
+        engine_class = SpeculativeEngine
+        engine_options = speculative_options(args.draft, args.prompt_lookup, args.draft_tokens, model, tokenizer,
+                                             device=args.device, dtype=args.dtype)
     engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
-                                     compile=args.compile)
+                                     compile=args.compile, engine_class=engine_class, **engine_options)
     if args.json:
         completions = engine.generate(ids, params)
         print(json.dumps([completion_record(p, c) for p, c in zip(prompts, completions)], indent=1))
@@ -361,6 +374,8 @@ def run_generate(args: argparse.Namespace) -> None:
             print(text, end="\n" if completion is not None else "", flush=True)
         elif completion is not None:
             print(prompts[i] + completion.text)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # export, convert  (owned by minillama/interop/)
 # --------------------------------------------------------------------------------------------------------------

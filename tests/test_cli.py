@@ -4,7 +4,8 @@ and no traceback — for argparse's own errors (a missing or mistyped argument) 
 ERROR_ROWS is the table: (command line after `minillama`, split as a shell would; a substring of the error
 line). In the command line, {text}, {binary}, {dir}, {tokenizer}, {checkpoint} and {data} name the fixtures below
 (a small UTF-8 text, a file that is not UTF-8, a directory, a BPE tokenizer, a checkpoint with a 64-token context,
-prepared data) and {missing} a path that does not exist. A command, flag or check added later adds its rows here.
+prepared data), {tiny_checkpoint} a checkpoint with another tokenizer and {missing} a path that does not exist. A
+command, flag or check added later adds its rows here.
 """
 
 import shlex
@@ -104,6 +105,15 @@ ERROR_ROWS = [
     ("generate --checkpoint {checkpoint} --max-new-tokens 0", "max_new_tokens"),
     ("generate --checkpoint {checkpoint} --min-p 1.5", "min_p"),
     ("generate --checkpoint {checkpoint} --top-p 1.5", "top_p must be in (0, 1]"),
+    ("generate --checkpoint {checkpoint} --draft {missing}", "not found"),
+    ("generate --checkpoint {checkpoint} --draft {tokenizer}", "config.json"),
+    ("generate --checkpoint {checkpoint} --draft {tiny_checkpoint}", "draft checkpoint"),
+    ("generate --checkpoint {checkpoint} --draft {checkpoint} --prompt-lookup 2", "exactly one drafter"),
+    ("generate --checkpoint {checkpoint} --draft {checkpoint} --compile", "does not compile"),
+    ("generate --checkpoint {checkpoint} --draft {checkpoint} --draft-tokens 0", "--draft-tokens) must be"),
+    ("generate --checkpoint {checkpoint} --prompt-lookup 0", "--prompt-lookup) must be an integer >= 1"),
+    ("generate --checkpoint {checkpoint} --prompt-lookup x", "argument --prompt-lookup: invalid int value"),
+    ("generate --checkpoint {checkpoint} --draft-tokens 3", "give --draft CKPT or --prompt-lookup N"),
     # plan
     ("plan", "give the model"),
     ("plan --model nosuch", "unknown preset 'nosuch'"),
@@ -124,13 +134,14 @@ ERROR_ROWS = [
 
 
 @pytest.fixture(scope="module")
-def paths(cli_inputs, tmp_path_factory) -> dict[str, Path]:
-    """The files the rows name: conftest's `cli_inputs`, a file that is not UTF-8, a directory, a missing path."""
+def paths(cli_inputs, tiny_checkpoint, tmp_path_factory) -> dict[str, Path]:
+    """The files the rows name: conftest's `cli_inputs`, a file that is not UTF-8, a directory, a missing path,
+    and `tiny_checkpoint` (another tokenizer than `checkpoint`'s)."""
     root = tmp_path_factory.mktemp("cli")
     binary = root / "binary.txt"
     binary.write_bytes(b"caf\xe9 au lait\n")  # Latin-1, not UTF-8
     (root / "dir").mkdir()
-    return dict(cli_inputs, binary=binary, dir=root / "dir", missing=root / "missing")
+    return dict(cli_inputs, binary=binary, dir=root / "dir", missing=root / "missing", tiny_checkpoint=tiny_checkpoint)
 
 
 def fill(command: str, paths: dict) -> list[str]:

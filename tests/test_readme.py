@@ -34,7 +34,8 @@ HELP_ONLY = {
 FLAG_VALUES = {"--input": "{text}", "--vocab-size": "300", "--out": "{out}", "--tokenizer": "{tokenizer}",
                "--checkpoint": "{checkpoint}", "--data": "{text}", "--task": "{task}", "--shots": "1",
                "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:", "--dp": "2",
-               "--activation-checkpointing": "selective"}
+               "--activation-checkpointing": "selective", "--draft": "{checkpoint}", "--draft-tokens": "2",
+               "--prompt-lookup": "2"}
 # Positional arguments, for the placeholders (or the `...`) that stand for them.
 POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"], ("quantize",): ["{checkpoint}"],
                ("tokenizer", "encode"): ["hello world"], ("tokenizer", "decode"): ["1", "2", "3"]}

@@ -51,7 +51,8 @@ side with Hugging Face on a quiet machine):
   batched over rows (sampling.py).
 
 The engine takes any model with `Transformer`'s forward (e.g. one whose Linears were swapped for quantized ones
-outside model.py). Speculative decoding builds on `decode_rows` and `accept` (see their docstrings).
+outside model.py). Speculative decoding (speculative.py) overrides `decode_step` and builds on `accept` (see
+their docstrings).
 """
 
 from __future__ import annotations
@@ -265,9 +266,7 @@ class Engine:
         decoding = list(self._running)
         self._prefill(outputs)
         if decoding:
-            logits = self.decode_rows(decoding)
-            tokens, logprobs = sample(logits, [s.sampler for s in decoding])
-            outputs += [self.accept(s, [t], [lp]) for s, t, lp in zip(decoding, tokens, logprobs)]
+            outputs += self.decode_step(decoding)
         for seq in sorted((s for s in decoding if s.finish_reason), key=lambda s: -s.row):
             self._release_row(seq)  # the highest rows first: fewer moves
         return outputs
@@ -300,6 +299,13 @@ class Engine:
     # ----------------------------------------------------------------------------------------------------------
     # The seams speculative decoding builds on
     # ----------------------------------------------------------------------------------------------------------
+    def decode_step(self, seqs: list[SequenceState]) -> list[StepOutput]:
+        """What a step does after prefill: new tokens for the running sequences `seqs` (rows [0, len(seqs)), in
+        row order), one each here; an output per sequence. Speculative decoding (speculative.py) overrides it."""
+        logits = self.decode_rows(seqs)
+        tokens, logprobs = sample(logits, [s.sampler for s in seqs])
+        return [self.accept(s, [t], [lp]) for s, t, lp in zip(seqs, tokens, logprobs)]
+
     def decode_rows(self, seqs: list[SequenceState]) -> torch.Tensor:
         """Feed each running sequence its last sampled token (rows [0, len(seqs)), which must be the running
         ones in row order); returns next-token logits (len(seqs), V). A caller feeding several tokens per row
@@ -477,11 +483,7 @@ class Engine:
         seq.row = None
 
     def _move_row(self, src: int, dst: int, length: int) -> None:
-        cache = self.cache
-        cache.k[:, dst, :, :length].copy_(cache.k[:, src, :, :length])
-        cache.v[:, dst, :, :length].copy_(cache.v[:, src, :, :length])
-        cache.lengths[dst] = length
-        cache.lengths[src] = 0
+        move_cache_row(self.cache, src, dst, length)
 
     def _complete(self, seq: SequenceState, now: float) -> Completion:
         return Completion(seq_id=seq.seq_id, prompt_ids=seq.prompt_ids, token_ids=list(seq.output_ids),
@@ -490,10 +492,19 @@ class Engine:
                           time_to_first_token_s=seq.first_token_s - seq.arrival_s, total_s=now - seq.arrival_s)
 
 
+def move_cache_row(cache: KVCache, src: int, dst: int, length: int) -> None:
+    """Copy a row's first `length` positions into another row, which then holds them; the source row is empty."""
+    cache.k[:, dst, :, :length].copy_(cache.k[:, src, :, :length])
+    cache.v[:, dst, :, :length].copy_(cache.v[:, src, :, :length])
+    cache.lengths[dst] = length
+    cache.lengths[src] = 0
+
+
 def _powers_of_two_up_to(n: int) -> list[int]:
     """1, 2, 4, ... and n itself last: the batch sizes a static cache is decoded at."""
     sizes = [1 << i for i in range(n.bit_length()) if 1 << i < n]
     return sizes + [n]
 
 
-__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "SequenceState", "FINISH_STOP", "FINISH_LENGTH"]
+__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "SequenceState", "FINISH_STOP", "FINISH_LENGTH",
+           "move_cache_row"]

@@ -137,6 +137,9 @@ def completion_record(prompt: str, completion: Completion) -> dict[str, Any]:
                   finish_reason=completion.finish_reason, stop_reason=completion.stop_reason, seed=completion.seed,
                   time_to_first_token_s=completion.time_to_first_token_s,
                   decode_tokens_per_s=completion.decode_tokens_per_s, total_s=completion.total_s)
+    speculation = getattr(completion, "speculation", None)  # SpeculativeEngine's completions
+    if speculation is not None:
+        record.update(speculation.to_dict())
     if completion.logprobs is not None:
         record["logprobs"] = [dict(token_id=lp.token_id, logprob=lp.logprob, top=[list(t) for t in lp.top])
                               for lp in completion.logprobs]

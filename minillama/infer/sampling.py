@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -162,12 +163,17 @@ class SequenceSampler:
             self.seen[token_id] = True
             self.counts[token_id] += 1
 
-    def penalize(self, logits: torch.Tensor) -> torch.Tensor:
-        """The row's logits (V,) with its penalties applied (a new tensor)."""
+    def penalize(self, logits: torch.Tensor, pending: Sequence[int] = ()) -> torch.Tensor:
+        """The row's logits (V,) with its penalties applied (a new tensor). `pending`: tokens counted as if already
+        generated (speculative decoding scores drafted tokens before they are accepted)."""
         p = self.params
         if self.seen.device != logits.device:  # kept beside the logits from the first step on
             self.seen, self.counts = self.seen.to(logits.device), self.counts.to(logits.device)
         seen, counts = self.seen, self.counts
+        if pending:
+            index = torch.tensor(list(pending), device=logits.device)
+            seen = seen.index_fill(0, index, True)
+            counts = counts.index_add(0, index, torch.ones(len(index), device=logits.device))
         if p.repetition_penalty != 1:
             penalized = torch.where(logits > 0, logits / p.repetition_penalty, logits * p.repetition_penalty)
             logits = torch.where(seen, penalized, logits)
@@ -206,6 +212,24 @@ def token_probabilities(logits: torch.Tensor, temperature: torch.Tensor, top_k: 
     return probs
 
 
+def probabilities_for(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`token_probabilities` with row i's settings taken from params[i] (none of them greedy): (N, V) -> (N, V)."""
+    vocab = logits.shape[-1]
+    as_tensor = lambda values: torch.tensor(values, device=logits.device)
+    return token_probabilities(logits, as_tensor([p.temperature for p in params]),
+                               as_tensor([min(p.top_k or vocab, vocab) for p in params]),
+                               as_tensor([p.top_p for p in params]), as_tensor([p.min_p for p in params]))
+
+
+def token_logprob(raw_logprobs: torch.Tensor, token_id: int, top_n: int) -> TokenLogprob:
+    """A chosen token's entry from one row of the model's log-probabilities (V,), with the top_n most likely."""
+    top = ()
+    if top_n > 0:
+        values, ids = raw_logprobs.topk(top_n)
+        top = tuple(zip(ids.tolist(), values.tolist()))
+    return TokenLogprob(token_id, float(raw_logprobs[token_id]), top)
+
+
 def draw(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
     """One token per row of probs (N, V), each from its own generator: where one uniform number falls in the
     row's cumulative distribution (inverse transform sampling). Tokens of probability 0 are never drawn."""
@@ -241,30 +265,18 @@ def sample(logits: torch.Tensor, samplers: list[SequenceSampler]) -> tuple[list[
             for i, t in zip(greedy, logits[greedy].argmax(dim=-1).tolist()):
                 tokens[i] = t
         sampled = [i for i in rows if not samplers[i].params.greedy]
-        params = [samplers[i].params for i in sampled]
-        vocab = logits.shape[-1]
-        as_tensor = lambda values: torch.tensor(values, device=logits.device)
-        probs = token_probabilities(
-            logits[sampled], as_tensor([p.temperature for p in params]),
-            as_tensor([min(p.top_k or vocab, vocab) for p in params]), as_tensor([p.top_p for p in params]),
-            as_tensor([p.min_p for p in params]))
+        probs = probabilities_for(logits[sampled], [samplers[i].params for i in sampled])
         for i, t in zip(sampled, draw(probs, [samplers[i].generator for i in sampled]).tolist()):
             tokens[i] = t
     logprobs: list[TokenLogprob | None] = [None] * len(samplers)
     if raw_logprobs is not None:
         for i in rows:
-            n = samplers[i].params.logprobs
-            if n is None:
-                continue
-            top = ()
-            if n > 0:
-                values, ids = raw_logprobs[i].topk(n)
-                top = tuple(zip(ids.tolist(), values.tolist()))
-            logprobs[i] = TokenLogprob(tokens[i], float(raw_logprobs[i, tokens[i]]), top)
+            if samplers[i].params.logprobs is not None:
+                logprobs[i] = token_logprob(raw_logprobs[i], tokens[i], samplers[i].params.logprobs)
     for i in rows:
         samplers[i].observe(tokens[i])
     return tokens, logprobs
 
 
-__all__ = ["SamplingParams", "SequenceSampler", "TokenLogprob", "token_probabilities", "draw", "sample",
-           "MAX_TOP_LOGPROBS"]
+__all__ = ["SamplingParams", "SequenceSampler", "TokenLogprob", "token_probabilities", "probabilities_for",
+           "token_logprob", "draw", "sample", "MAX_TOP_LOGPROBS"]
