@@ -5,7 +5,7 @@ and chance on every task shipped in minillama/task_data.
 
 The held-out text is the validation tail (last 10%) of ../shared/data/tinyshakespeare.txt unless --text names
 another file; bits per byte does not depend on the tokenizer, so every model is charged for the same bytes.
-Prints a Markdown table (paste it into docs/evaluation.md) and writes JSON to benchmarks/out/eval_recipes.json.
+Prints a Markdown table (paste it into docs/evaluation.md) and writes JSON to benchmarks/results/eval_recipes.json.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def main() -> None:
     parser.add_argument("--shots", type=int, default=0)
     parser.add_argument("--limit", type=int, help="score only each task's first N items")
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "eval_recipes.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "eval_recipes.json")
     args = parser.parse_args()
 
     from minillama.data.prepare import split_tail

@@ -85,7 +85,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed runs before the timed ones")
     parser.add_argument("--prompt", default=PROMPT)
     parser.add_argument("--gguf-dir", type=Path, help="keep the exported files here (default: a temporary dir)")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "out" / "llamacpp_decode.json")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llamacpp_decode.json")
     args = parser.parse_args()
 
     import llama_cpp

@@ -27,7 +27,7 @@ sharded weights and AdamW state that exist before the measured steps.
 
 The training step is the trainer's own (`minillama.train.trainer.TrainStep`: autocast, fp32 cross-entropy,
 backward, clip, fused AdamW, zero_grad(set_to_none)). Results: a table on stdout and JSON in
-benchmarks/out/plan_vs_measured.json.
+benchmarks/results/plan_vs_measured_cpu.json.
 """
 
 from __future__ import annotations
@@ -388,7 +388,7 @@ def main() -> None:
     parser.add_argument("--dtypes", default=None, help="comma-separated: bf16,fp32 (cpu default both; cuda bf16)")
     parser.add_argument("--presets", default=None, help="comma-separated subset of the runs' presets")
     parser.add_argument("--steps", type=int, default=2, help="training steps measured per configuration")
-    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" / "plan_vs_measured.json"))
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "plan_vs_measured_cpu.json"))
     parser.add_argument("--fsdp", type=int, default=0, metavar="N",
                         help="instead: FSDP on N gloo ranks (CPU), each rank's peak against the planner's dp=N ZeRO-3")
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -5,10 +5,9 @@
     python benchmarks/shakespeare.py --runs 3 --out benchmarks/results/shakespeare-DATE.json
 
 Validation is the last 10% of tinyshakespeare (nanoGPT's convention). The score is total validation nats divided
-by validation characters: a BPE model and a character-level model are charged for the same text. References
-(nanoGPT's README, shakespeare_char): its CPU recipe reached 1.886 nats/char in 5.6 min on this kind of machine
-(benchmarks/nanogpt_shakespeare.py reruns it); its GPU recipe reaches 1.4697 after ~3 min on an A100. Target:
-<= 1.45 within 5 minutes wall-clock on 2 cores.
+by validation characters: a BPE model and a character-level model are charged for the same text. Reference
+(nanoGPT's README, shakespeare_char, not rerun here): its GPU recipe reaches a validation loss of 1.4697 nats/char
+after ~3 min on an A100. Target: <= 1.45 within 5 minutes wall-clock on 2 cores.
 
 The recipe (configs/shakespeare.toml) was tuned on that same validation split, so the split is also scored in two
 halves at a line boundary: `tune` (its first half, which tuning may look at from now on) and `test` (its second

@@ -242,15 +242,6 @@ def add_generate_command(sub: argparse._SubParsersAction) -> argparse.ArgumentPa
     p.set_defaults(handler=run_generate)
     return p
 
-    p = sub.add_parser("quantize", help="write a weight-only int8 or int4 copy of a checkpoint")
-    p.add_argument("checkpoint", help="checkpoint directory (Hugging Face format, not yet quantized)")
-    p.add_argument("--to", required=True, metavar="int8|int4", help="int8: per output channel; int4: per group")
-    p.add_argument("--group-size", type=int, metavar="G", help="int4 inputs per scale: 32, 64, 128 or 256 "
-                                                                "(default 32)")
-    p.add_argument("--keep-output", action="store_true", help="leave the output head in bf16")
-    p.add_argument("--out", required=True, metavar="DIR", help="directory for the quantized checkpoint")
-    p.set_defaults(handler=run_quantize)
-
 
 def add_quantize_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", metavar="int8|int4", help="quantize the weights at load time (weight-only)")
