@@ -20,6 +20,13 @@ tokens greedily without stopping at EOS.
   and its automatic torch.compile of the forward (CompileConfig; mode reduce-overhead, i.e. CUDA graphs on
   CUDA; on CPU inductor's freezing, as our compiled engine). The fastest HF contestant in the run is "HF best",
   and every ratio is against it.
+- `llamacpp-f16`, `llamacpp-q8_0` (optional: `pip install llama-cpp-python`, which builds llama.cpp): the same
+  weights exported with `minillama export gguf` (minillama.interop.gguf) and decoded by llama.cpp itself
+  (llama-cpp-python's low-level `eval`, one token at a time, greedy, the same prompt ids, f16 KV cache as llama.cpp
+  defaults, as many threads as torch uses). The export needs a tokenizer: a small BPE is trained on a fixed text
+  and padded to the preset's vocabulary (the prompt is token ids, so its tokens do not matter). Compare them with
+  `minillama-bf16` and `minillama-int8` (16 and 8 bits per weight). `benchmarks/llamacpp_decode.py` does the same
+  for a trained checkpoint and its own prompt text.
 
 Measures per round: time to first token (prefill + first token; HF: generate(max_new_tokens=1)) and decode
 tokens/s after the first token (HF: (N - 1) / (time of generate(N) - time of generate(1))). Medians over rounds.
@@ -43,6 +50,7 @@ Results: a table on stdout and JSON (default benchmarks/results/decode.json; --o
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import platform
@@ -60,6 +68,7 @@ from train_throughput import _busy_cpu_s, _device_name, _own_cpu_s  # noqa: E402
 CPU_CONTESTANTS = ["minillama-fp32", "minillama-bf16", "minillama-bf16-compiled", "minillama-int8", "minillama-int4",
                    "minillama-fp32-b8", "minillama-bf16-b8", "hf-eager-fp32", "hf-sdpa-fp32", "hf-eager-bf16",
                    "hf-sdpa-bf16", "hf-sdpa-static-compiled-fp32", "hf-sdpa-static-compiled-bf16"]
+LLAMACPP_CONTESTANTS = ["llamacpp-f16", "llamacpp-q8_0"]  # not in the defaults: they need llama-cpp-python
 CUDA_CONTESTANTS = ["minillama-bf16", "minillama-int8", "minillama-int4", "minillama-bf16-b8", "hf-sdpa-bf16",
                     "hf-sdpa-static-compiled-bf16"]
 QUANTIZED = ("int8", "int4")
@@ -82,6 +91,8 @@ def parse(name: str) -> dict:
         if len(parts) == 5 and parts[2:4] != ["static", "compiled"]:
             raise ValueError(name)
         return dict(kind="hf", attention=parts[1], dtype=parts[-1], batch=1, compiled=len(parts) == 5)
+    if name in LLAMACPP_CONTESTANTS:
+        return dict(kind="llamacpp", dtype=name.split("-", 1)[1], batch=1, compiled=False)
     raise ValueError(name)
 
 
@@ -214,6 +225,44 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
         lambda: generate(16)[0, len(prompt):].tolist()
 
 
+def build_llamacpp(settings: dict, preset: str, prompt: list[int], new_tokens: int, device: str):
+    import tempfile
+
+    import llama_cpp
+    import torch
+    from llamacpp_decode import greedy_run
+
+    from minillama.checkpoint import save
+    from minillama.interop.gguf import export_gguf
+    from minillama.tokenizer import train_bpe_from_texts
+
+    if device != "cpu":
+        raise ValueError("the llama.cpp contestants run on the CPU only")
+    model = initial_model(preset, "cpu", torch.float32)
+    tokenizer = train_bpe_from_texts([__doc__ * 4], vocab_size=512)  # padded to the model's vocabulary on export
+    with tempfile.TemporaryDirectory() as tmp:
+        save(model, tokenizer, Path(tmp) / "checkpoint")
+        path = export_gguf(Path(tmp) / "checkpoint", Path(tmp) / "model.gguf", settings["dtype"])
+        threads = torch.get_num_threads()
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new_tokens + 8, n_batch=512,
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        weight_bytes = path.stat().st_size  # tensors + the vocabulary (a few KB)
+    cfg = model.cfg
+    if not cfg.tie_embeddings:  # the input embedding is read one row a token (q8_0/f16 alike: its share of the file)
+        weight_bytes -= weight_bytes * model.tok_embeddings.weight.numel() // model.num_params()
+    del model
+
+    def run() -> dict:
+        cpu_start = _own_cpu_s()
+        ttft_s, rate, _ = greedy_run(llm, prompt, new_tokens - 1)
+        # CPU time of the whole run, prefill included, over the decoded tokens: a bound, a little high
+        return dict(ttft_s=ttft_s, decode_tokens_per_s=rate,
+                    decode_cpu_s_per_token=(_own_cpu_s() - cpu_start) / (new_tokens - 1))
+
+    kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # f16 cache
+    return run, weight_bytes, kv_per_token, lambda: greedy_run(llm, prompt, 15)[2]
+
+
 def worker(conn, name: str, preset: str, prompt_len: int, new_tokens: int, device: str, threads: int | None) -> None:
     import torch
 
@@ -226,7 +275,7 @@ def worker(conn, name: str, preset: str, prompt_len: int, new_tokens: int, devic
     cfg = ModelConfig.from_preset(preset)
     prompt = torch.randint(3, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(1)).tolist()
     settings = parse(name)
-    build = build_minillama if settings["kind"] == "minillama" else build_hf
+    build = dict(minillama=build_minillama, hf=build_hf, llamacpp=build_llamacpp)[settings["kind"]]
     run, weight_bytes, kv_per_token, head = build(settings, preset, prompt, new_tokens, device)
     conn.send(dict(weight_bytes=weight_bytes, kv_bytes_per_token=kv_per_token, first_tokens=head(),
                    threads=torch.get_num_threads()))
@@ -274,6 +323,9 @@ def run_preset(preset: str, contestants: list[str], args, bandwidth: float) -> d
         settings = parse(name)
         if settings["kind"] == "minillama" and settings["dtype"] in QUANTIZED and quantizer(settings["dtype"]) is None:
             unavailable[name] = "not available (no minillama.quantize yet)"
+            continue
+        if settings["kind"] == "llamacpp" and importlib.util.find_spec("llama_cpp") is None:
+            unavailable[name] = "not available (pip install llama-cpp-python)"
             continue
         conn, child = ctx.Pipe()
         started = time.perf_counter()
@@ -344,7 +396,8 @@ def summarize(preset: str, names: list[str], rounds: dict, info: dict, unavailab
             entry["vs_batch_1"] = statistics.median(rounds[name][r]["decode_tokens_per_s"] /
                                                     rounds[single][r]["decode_tokens_per_s"]
                                                     for r in range(args.rounds))
-        reference = result["contestants"].get(f"minillama-{entry['dtype']}") or entry
+        same_weights = "fp32" if entry["kind"] == "llamacpp" else entry["dtype"]  # f16/q8_0: compared, not equal
+        reference = result["contestants"].get(f"minillama-{same_weights}") or entry
         entry["first_tokens_agree"] = entry["first_tokens"] == reference["first_tokens"]
     return result
 
@@ -404,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             parse(name)
         except ValueError:
             parser.error(f"unknown contestant {name!r}; e.g. {', '.join(CPU_CONTESTANTS)}, minillama-fp32-compiled, "
-                         "hf-eager-static-compiled-bf16")
+                         f"hf-eager-static-compiled-bf16, {', '.join(LLAMACPP_CONTESTANTS)}")
     from minillama.config import ModelConfig
 
     for preset in presets:

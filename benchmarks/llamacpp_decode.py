@@ -10,7 +10,7 @@ cache: the fixed prompt is evaluated in one batch (prefill, not timed), which gi
 `--new-tokens` tokens are decoded one at a time, greedily, and only that loop is timed: decode tokens/s =
 new tokens / seconds. After `--warmup` untimed runs, the median of `--repeats` runs is reported, with the
 slowest and fastest. A table goes to
-stdout and JSON to benchmarks/out/llamacpp_decode.json (or --out).
+stdout and JSON to benchmarks/results/llamacpp_decode.json (or --out).
 """
 
 from __future__ import annotations
@@ -38,18 +38,22 @@ def last_logits(llm):
     return np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(llm.ctx, -1), shape=(llm.n_vocab(),))
 
 
-def decode_tokens_per_s(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, list[int]]:
-    """(decode tokens/s, generated ids) for one greedy run from an empty cache; only the decode loop is timed."""
+def greedy_run(llm, prompt_ids: list[int], new_tokens: int) -> tuple[float, float, list[int]]:
+    """(seconds to the first token, decode tokens/s after it, generated ids) for one greedy run from an empty
+    cache: the prompt in one batch (prefill), whose last logits give the first token, then `new_tokens` more
+    decoded one at a time."""
+    started = time.perf_counter()
     llm.reset()
-    llm.eval(prompt_ids)  # prefill: its last logits give the first new token
+    llm.eval(prompt_ids)
     token = int(last_logits(llm).argmax())
     generated = [token]
+    first_token_s = time.perf_counter() - started
     started = time.perf_counter()
     for _ in range(new_tokens):
         llm.eval([token])
         token = int(last_logits(llm).argmax())
         generated.append(token)
-    return new_tokens / (time.perf_counter() - started), generated
+    return first_token_s, new_tokens / (time.perf_counter() - started), generated
 
 
 def measure(checkpoint: Path, dtype: str, gguf_dir: Path, args: argparse.Namespace) -> dict:
@@ -64,10 +68,10 @@ def measure(checkpoint: Path, dtype: str, gguf_dir: Path, args: argparse.Namespa
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt_ids) + args.new_tokens + 8, n_batch=512,
                           n_threads=args.threads, n_threads_batch=args.threads, verbose=False)
     for _ in range(args.warmup):  # first runs pay for buffer allocation and page faults, not decoding
-        decode_tokens_per_s(llm, prompt_ids, args.new_tokens)
+        greedy_run(llm, prompt_ids, args.new_tokens)
     rates, generated = [], []
     for _ in range(args.repeats):
-        rate, generated = decode_tokens_per_s(llm, prompt_ids, args.new_tokens)
+        _, rate, generated = greedy_run(llm, prompt_ids, args.new_tokens)
         rates.append(rate)
     return dict(dtype=dtype, file_bytes=path.stat().st_size, prompt_tokens=len(prompt_ids),
                 new_tokens=args.new_tokens, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
