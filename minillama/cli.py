@@ -326,12 +326,13 @@ def run_lm_eval(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from minillama.infer import Engine, SamplingParams
+    from minillama.infer import SamplingParams
     from minillama.infer.generate import (
         completion_record,
         engine_for_prompts,
-        load_for_inference,
+        load_inference_setup,
         read_prompts,
+        set_threads,
         stream_in_order,
     )
 
@@ -344,23 +345,13 @@ def run_generate(args: argparse.Namespace) -> None:
         raise MinillamaError("--stream and --json exclude each other (--json prints one document at the end)")
     if args.max_batch < 1 or (args.threads is not None and args.threads < 1):
         raise MinillamaError(f"--max-batch and --threads must be >= 1, got {args.max_batch} and {args.threads}")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype,
-                                          quantize=args.quantize, group_size=args.group_size)
-    # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
-    # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
-    engine_class, engine_options = Engine, {}
-    if args.draft is not None or args.prompt_lookup is not None or args.draft_tokens is not None:
-        from minillama.infer.speculative import SpeculativeEngine, speculative_options
-
-        engine_class = SpeculativeEngine
-        engine_options = speculative_options(args.draft, args.prompt_lookup, args.draft_tokens, model, tokenizer,
-                                             device=args.device, dtype=args.dtype)
+    set_threads(args.threads)
+    setup = load_inference_setup(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                 group_size=args.group_size, draft=args.draft, prompt_lookup=args.prompt_lookup,
+                                 draft_tokens=args.draft_tokens)
+    model, tokenizer = setup.model, setup.tokenizer
     engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
-                                     compile=args.compile, engine_class=engine_class, **engine_options)
+                                     compile=args.compile, engine_class=setup.engine_class, **setup.engine_options)
     if args.json:
         completions = engine.generate(ids, params)
         print(json.dumps([completion_record(p, c) for p, c in zip(prompts, completions)], indent=1))
