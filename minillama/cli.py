@@ -368,6 +368,53 @@ def run_generate(args: argparse.Namespace) -> None:
 
 
 # --------------------------------------------------------------------------------------------------------------
+# serve  (owned by minillama/serve/)
+# --------------------------------------------------------------------------------------------------------------
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching) for a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes "
+                                                     "(default: $MINILLAMA_API_KEY; neither: no key)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: --checkpoint "
+                                                                "as given, as vLLM does)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    e.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot before new requests "
+                                                              "get 429 (default 256)")
+    e.add_argument("--max-context", type=int, metavar="N", help="positions per sequence, prompt + output "
+                                                                "(default: the model's max_seq_len)")
+    e.add_argument("--max-cached-tokens", type=int, metavar="N", help="KV admission budget: tokens that admitted "
+                                                                      "sequences may reserve (default: all the cache)")
+    e.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step (default 512)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights and KV cache")
+    e.add_argument("--threads", type=int, help="CPU threads of the engine (torch.set_num_threads)")
+    e.add_argument("--compile", action="store_true", default=None, help="compile the decode step (default on CUDA)")
+    add_quantize_arguments(e)
+    e.add_argument("--draft", metavar="CKPT", help="speculative decoding with this smaller checkpoint")
+    e.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per step (default 4)")
+    h = p.add_argument_group("limits")
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    h.add_argument("--grace", type=float, default=30.0, metavar="S", help="on SIGTERM, seconds running requests "
+                                                                          "may take to finish (default 30)")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from minillama.serve.server import ServeConfig, api_key_from, serve
+
+    serve(ServeConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, api_key=api_key_from(args.api_key),
+                      served_model_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                      max_context=args.max_context, max_cached_tokens=args.max_cached_tokens,
+                      prefill_chunk=args.prefill_chunk, quantize=args.quantize, group_size=args.group_size,
+                      draft=args.draft, draft_tokens=args.draft_tokens, device=args.device, dtype=args.dtype,
+                      threads=args.threads, compile=args.compile, max_body_bytes=args.max_body_bytes,
+                      grace_s=args.grace))
+
+
+# --------------------------------------------------------------------------------------------------------------
 # export, convert  (owned by minillama/interop/)
 # --------------------------------------------------------------------------------------------------------------
 def add_interop_commands(sub: argparse._SubParsersAction) -> None:
@@ -499,7 +546,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command")
     for add in (add_presets_commands, add_tokenizer_commands, add_data_commands, add_train_commands,
-                add_plan_commands, add_interop_commands):
+                add_serve_commands, add_plan_commands, add_interop_commands):
         add(sub)
     return parser
 
