@@ -317,12 +317,13 @@ def run_lm_eval(args: argparse.Namespace) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> None:
-    from minillama.infer import Engine, SamplingParams
+    from minillama.infer import SamplingParams
     from minillama.infer.generate import (
         completion_record,
         engine_for_prompts,
-        load_for_inference,
+        load_inference_setup,
         read_prompts,
+        set_threads,
         stream_in_order,
     )
 
@@ -335,23 +336,13 @@ def run_generate(args: argparse.Namespace) -> None:
         raise MinillamaError("--stream and --json exclude each other (--json prints one document at the end)")
     if args.max_batch < 1 or (args.threads is not None and args.threads < 1):
         raise MinillamaError(f"--max-batch and --threads must be >= 1, got {args.max_batch} and {args.threads}")
-    if args.threads is not None:
-        import torch
-
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_for_inference(args.checkpoint, device=args.device, dtype=args.dtype,
-                                          quantize=args.quantize, group_size=args.group_size)
-    # Options that transform the model (--quantize) apply here; those that change decoding (--draft,
-    # --prompt-lookup) pass an engine_class and its options to engine_for_prompts.
-    engine_class, engine_options = Engine, {}
-    if args.draft is not None or args.prompt_lookup is not None or args.draft_tokens is not None:
-        from minillama.infer.speculative import SpeculativeEngine, speculative_options
-
-        engine_class = SpeculativeEngine
-        engine_options = speculative_options(args.draft, args.prompt_lookup, args.draft_tokens, model, tokenizer,
-                                             device=args.device, dtype=args.dtype)
+    set_threads(args.threads)
+    setup = load_inference_setup(args.checkpoint, device=args.device, dtype=args.dtype, quantize=args.quantize,
+                                 group_size=args.group_size, draft=args.draft, prompt_lookup=args.prompt_lookup,
+                                 draft_tokens=args.draft_tokens)
+    model, tokenizer = setup.model, setup.tokenizer
     engine, ids = engine_for_prompts(model, tokenizer, prompts, params, max_batch=args.max_batch,
-                                     compile=args.compile, engine_class=engine_class, **engine_options)
+                                     compile=args.compile, engine_class=setup.engine_class, **setup.engine_options)
     if args.json:
         completions = engine.generate(ids, params)
         print(json.dumps([completion_record(p, c) for p, c in zip(prompts, completions)], indent=1))
@@ -365,6 +356,53 @@ def run_generate(args: argparse.Namespace) -> None:
             print(text, end="\n" if completion is not None else "", flush=True)
         elif completion is not None:
             print(prompts[i] + completion.text)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# serve  (owned by minillama/serve/)
+# --------------------------------------------------------------------------------------------------------------
+def add_serve_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (continuous batching) for a checkpoint")
+    p.add_argument("--checkpoint", required=True, help="checkpoint directory (Hugging Face format)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--api-key", metavar="KEY", help="require 'Authorization: Bearer KEY' on /v1/ routes "
+                                                     "(default: $MINILLAMA_API_KEY; neither: no key)")
+    p.add_argument("--served-model-name", metavar="NAME", help="the model name clients use (default: --checkpoint "
+                                                                "as given, as vLLM does)")
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-batch", type=int, default=32, help="sequences decoded together (default 32)")
+    e.add_argument("--max-queue", type=int, default=256, help="sequences waiting for a slot before new requests "
+                                                              "get 429 (default 256)")
+    e.add_argument("--max-context", type=int, metavar="N", help="positions per sequence, prompt + output "
+                                                                "(default: the model's max_seq_len)")
+    e.add_argument("--max-cached-tokens", type=int, metavar="N", help="KV admission budget: tokens that admitted "
+                                                                      "sequences may reserve (default: all the cache)")
+    e.add_argument("--prefill-chunk", type=int, default=512, help="prompt tokens prefilled per step (default 512)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    e.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="weights and KV cache")
+    e.add_argument("--threads", type=int, help="CPU threads of the engine (torch.set_num_threads)")
+    e.add_argument("--compile", action="store_true", default=None, help="compile the decode step (default on CUDA)")
+    add_quantize_arguments(e)
+    e.add_argument("--draft", metavar="CKPT", help="speculative decoding with this smaller checkpoint")
+    e.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per step (default 4)")
+    h = p.add_argument_group("limits")
+    h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
+    h.add_argument("--grace", type=float, default=30.0, metavar="S", help="on SIGTERM, seconds running requests "
+                                                                          "may take to finish (default 30)")
+    p.set_defaults(handler=run_serve)
+
+
+def run_serve(args: argparse.Namespace) -> None:
+    from minillama.serve.server import ServeConfig, api_key_from, serve
+
+    serve(ServeConfig(checkpoint=args.checkpoint, host=args.host, port=args.port, api_key=api_key_from(args.api_key),
+                      served_model_name=args.served_model_name, max_batch=args.max_batch, max_queue=args.max_queue,
+                      max_context=args.max_context, max_cached_tokens=args.max_cached_tokens,
+                      prefill_chunk=args.prefill_chunk, quantize=args.quantize, group_size=args.group_size,
+                      draft=args.draft, draft_tokens=args.draft_tokens, device=args.device, dtype=args.dtype,
+                      threads=args.threads, compile=args.compile, max_body_bytes=args.max_body_bytes,
+                      grace_s=args.grace))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -499,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
     sub = parser.add_subparsers(dest="command")
     for add in (add_presets_commands, add_tokenizer_commands, add_data_commands, add_train_commands,
-                add_plan_commands, add_interop_commands):
+                add_serve_commands, add_plan_commands, add_interop_commands):
         add(sub)
     return parser
 

@@ -114,6 +114,17 @@ ERROR_ROWS = [
     ("generate --checkpoint {checkpoint} --prompt-lookup 0", "--prompt-lookup) must be an integer >= 1"),
     ("generate --checkpoint {checkpoint} --prompt-lookup x", "argument --prompt-lookup: invalid int value"),
     ("generate --checkpoint {checkpoint} --draft-tokens 3", "give --draft CKPT or --prompt-lookup N"),
+    # serve: each fails before a server starts
+    ("serve", "required: --checkpoint"),
+    ("serve --checkpoint {missing}", "not found"),
+    ("serve --checkpoint {checkpoint} --max-batch 0", "--max-batch must be an integer >= 1"),
+    ("serve --checkpoint {checkpoint} --max-queue 0", "--max-queue must be an integer >= 1"),
+    ("serve --checkpoint {checkpoint} --port 70000", "--port must be in 0..65535"),
+    ("serve --checkpoint {checkpoint} --max-context 1000", "max_len must be in [2, 64]"),
+    ("serve --checkpoint {checkpoint} --threads 0", "--threads must be an integer >= 1"),
+    ("serve --checkpoint {checkpoint} --api-key ' '", "the API key is empty"),
+    ("serve --checkpoint {checkpoint} --draft {tiny_checkpoint}", "draft checkpoint"),
+    ("serve --checkpoint {checkpoint} --quantize int3", "int3"),
     # plan
     ("plan", "give the model"),
     ("plan --model nosuch", "unknown preset 'nosuch'"),

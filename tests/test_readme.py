@@ -27,6 +27,8 @@ HELP_ONLY = {
     ("train",): "minutes of training; tests/test_train.py trains through the CLI on a tiny config",
     ("convert", "meta"): "needs a Meta-format checkpoint; tests/test_meta.py writes sharded ones and converts "
                          "them through the CLI",
+    ("serve",): "a long-running server; tests/test_serve.py starts it in subprocesses and talks to it with the "
+                "openai client",
     ("lm-eval",): "lm_eval's own CLI (its flags are checked against `lm-eval run --help`); "
                   "tests/test_lm_eval.py runs `minillama lm-eval --model minillama` in a subprocess",
 }

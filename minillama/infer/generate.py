@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +73,49 @@ def load_for_inference(checkpoint: str | Path, device: str = "auto", dtype: str 
     if tokenizer is None:
         raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")
     return model.eval(), tokenizer
+
+
+@dataclass
+class InferenceSetup:
+    """A checkpoint loaded for inference and the engine class (with its options) that decodes it: what
+    `minillama generate` and `minillama serve` build from --checkpoint, --quantize, --draft/--prompt-lookup,
+    --dtype and --device, in one place."""
+
+    model: Any
+    tokenizer: Any
+    engine_class: type[Engine]
+    engine_options: dict[str, Any]
+
+    def engine(self, **options: Any) -> Engine:
+        """An engine over the model (options: Engine's, e.g. max_batch, max_len, compile)."""
+        return self.engine_class(self.model, self.tokenizer, **options, **self.engine_options)
+
+
+def load_inference_setup(checkpoint: str | Path, *, device: str = "auto", dtype: str = "auto",
+                         quantize: str | None = None, group_size: int | None = None, draft: str | Path | None = None,
+                         prompt_lookup: int | None = None, draft_tokens: int | None = None) -> InferenceSetup:
+    """Load a checkpoint (quantized with `quantize`) and choose its engine: the plain Engine, or SpeculativeEngine
+    when a drafter is given (`draft` checkpoint or `prompt_lookup`; the flags are checked before anything loads)."""
+    model, tokenizer = load_for_inference(checkpoint, device=device, dtype=dtype, quantize=quantize,
+                                          group_size=group_size)
+    # Options that transform the model (quantize) apply above; those that change decoding (a drafter) choose
+    # the engine class and its options.
+    if draft is None and prompt_lookup is None and draft_tokens is None:
+        return InferenceSetup(model, tokenizer, Engine, {})
+    from minillama.infer.speculative import SpeculativeEngine, speculative_options
+
+    options = speculative_options(draft, prompt_lookup, draft_tokens, model, tokenizer, device=device, dtype=dtype)
+    return InferenceSetup(model, tokenizer, SpeculativeEngine, options)
+
+
+def set_threads(threads: int | None) -> None:
+    """torch's intra-op CPU threads for this process (None: leave torch's default); 1 is fastest on a busy machine
+    (engine.py, "Threads")."""
+    if threads is None:
+        return
+    if not (isinstance(threads, int) and threads >= 1):
+        raise MinillamaError(f"--threads must be an integer >= 1, got {threads!r}")
+    torch.set_num_threads(threads)
 
 
 def read_prompts(prompts: Sequence[str] | None, prompt_file: str | Path | None) -> list[str]:
