@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -119,11 +120,18 @@ class DistributedContext:
             torch_dist.barrier()
 
     def close(self) -> None:
-        """Tear the process group down at the end of a run (PyTorch warns about one left open)."""
+        """Tear the process group down at the end of a run (PyTorch warns about one left open).
+
+        The pause first: gloo's worker thread drops a finished collective's work object after the caller has
+        returned from it, and dropping it releases tensors, which takes the GIL. If the group is destroyed before
+        that (here, or when the DDP model that holds it is freed), its destructor joins that thread while holding
+        the GIL, and the process hangs at exit (seen under load with torch 2.13: the join in ~ProcessGroupGloo
+        against the GIL wait in ~AsyncBarrierWork). Sleeping releases the GIL, so the thread finishes first."""
         if self.world_size > 1:
             import torch.distributed as torch_dist
 
             if torch_dist.is_initialized():
+                time.sleep(0.2)
                 torch_dist.destroy_process_group()
 
     def no_sync_unless(self, model: nn.Module, last: bool):
