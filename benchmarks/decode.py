@@ -397,8 +397,8 @@ def summarize(preset: str, names: list[str], rounds: dict, info: dict, unavailab
                                                     rounds[single][r]["decode_tokens_per_s"]
                                                     for r in range(args.rounds))
         same_weights = "fp32" if entry["kind"] == "llamacpp" else entry["dtype"]  # f16/q8_0: compared, not equal
-        reference = result["contestants"].get(f"minillama-{same_weights}") or entry
-        entry["first_tokens_agree"] = entry["first_tokens"] == reference["first_tokens"]
+        reference = result["contestants"].get(f"minillama-{same_weights}")  # None: nothing to compare with
+        entry["first_tokens_agree"] = None if reference is None else entry["first_tokens"] == reference["first_tokens"]
     return result
 
 
@@ -420,7 +420,7 @@ def print_table(results: list[dict], bandwidth: float) -> None:
                   f"| {fmt(c.get('bandwidth_fraction'), '{:.0%}')} "
                   f"| {fmt(c.get('bandwidth_limit_tokens_per_s'), '{:,.0f}')} "
                   f"| {fmt(c['decode_tokens_per_s_quiet'], '{:,.1f}')} | {c['decode_cpu_ms_per_token']:.2f} "
-                  f"| {'yes' if c['first_tokens_agree'] else 'no'} |")
+                  f"| {dict([(True, 'yes'), (False, 'no')]).get(c['first_tokens_agree'], '-')} |")
         for name, why in res["unavailable"].items():
             print(f"| {label} | {name} | 1 | {why} | | | | | | | | | |")
     for res in results:
