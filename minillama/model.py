@@ -166,9 +166,11 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)  # (B, H, T, D)
         else:
             cache_k, cache_v = cache  # (B, K, max_len, D)
-            index = positions[:, None, :, None].expand(B, self.n_kv_heads, T, self.head_dim)  # (B, K, T, D)
-            cache_k.scatter_(2, index, k.to(cache_k.dtype))
-            cache_v.scatter_(2, index, v.to(cache_v.dtype))
+            # Write each row's T new keys and values at its own positions. Index assignment writes just those
+            # slots; scatter_ copied the whole buffer on CPU (125m, 32 rows: 4.5 ms per call, 30% of a step).
+            rows = torch.arange(B, device=x.device)[:, None]  # (B, 1)
+            cache_k[rows, :, positions] = k.transpose(1, 2).to(cache_k.dtype)  # slots (B, T, K, D)
+            cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
             span = mask.shape[-1]  # S: the positions any row of this batch can see
             k, v = cache_k[:, :, :span].to(q.dtype), cache_v[:, :, :span].to(q.dtype)  # (B, K, S, D)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
@@ -275,7 +277,7 @@ class Transformer(nn.Module):
                 positions = cache.lengths[:, None] + torch.arange(T, device=tokens.device)  # (B, T)
             if cache.static:
                 # No host sync, so that a CUDA graph can hold the whole step; the caller keeps positions below
-                # max_len (a write past the buffer fails in scatter_).
+                # max_len (a write past the buffer fails in the index assignment).
                 span = cache.max_len
             else:
                 last = int(positions.max())  # one host sync per forward: it sizes the span, checks the context
