@@ -459,14 +459,10 @@ async def warm_up(base_url: str, model: str, prompts: list[str], clients: int, e
 # Summaries
 # --------------------------------------------------------------------------------------------------------------
 def percentile(values: list[float], q: float) -> float | None:
-    """Linear interpolation between order statistics (numpy's default method)."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    position = (len(ordered) - 1) * q / 100
-    low = math.floor(position)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
+    """numpy's percentile (linear interpolation between order statistics); None for no values."""
+    import numpy as np
+
+    return float(np.percentile(values, q)) if values else None
 
 
 def summarize(records: list[Record], wall_s: float) -> dict:

@@ -220,9 +220,10 @@ class Scheduler:
                     outputs = self.engine.step()
                     self.metrics.step.observe(time.perf_counter() - started)
                     self._dispatch(outputs)
+                stats = self.engine.stats()
                 with self._cond:
-                    self._engine_waiting = self.engine.stats().waiting
-                    self.metrics.set_engine(self.engine.stats(), self._inbox_sequences)
+                    self._engine_waiting = stats.waiting
+                    self.metrics.set_engine(stats, self._inbox_sequences)
                 self.heartbeat_s = time.monotonic()
         except BaseException as exc:  # a bug in the engine: fail every request, report unhealthy
             log.exception("the engine loop stopped")
