@@ -8,6 +8,12 @@ they differ only in speed and memory on a given device, and tests/test_model.py 
   probabilities in the scores' dtype (bf16 under autocast) for backward. On CPU at training lengths
   (T <= MAX_BLOCKED_ATTENTION_LEN) forward + backward runs 2-4x faster than PyTorch's CPU flash kernel, whose
   backward is slow at these sizes (benchmarks/RESULTS.md, "Training throughput").
+
+With a KV cache (decoding), attention reads each row's keys up to a common span through a (B, 1, T, S) mask.
+There `auto` picks `cached_attention_matmul` on CPU for batches of two rows or more: PyTorch's CPU flash kernel
+slows down with a mask and many rows (bf16, 2 threads, one layer's call in a decode step: 8 rows of 100 cached
+positions 0.53 ms against 0.20 ms as matmuls; 32 rows of 263, 125m's shapes, 10.2 ms against 1.4 ms), while for
+one row sdpa is faster (74 against 175 us) and is kept.
 """
 
 from __future__ import annotations
@@ -70,6 +76,29 @@ def causal_attention_blocked(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         probs = _CausalSoftmax.apply(scores, allowed, D ** -0.5).view(B, K, G * n, end)
         outputs.append((probs @ v[:, :, :end]).view(B, K, G, n, D))  # (B, K, G, n, D)
     return torch.cat(outputs, dim=3).view(B, H, T, D)
+
+
+def cached_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(D) masked) v as two batched matmuls; grouped-query heads without repeating k, v.
+
+    q (B, H, T, D), k and v (B, K, S, D), mask (B, 1, T, S) of visible keys (each query sees at least one) ->
+    (B, H, T, D). The scores are computed as k q^T, with the cache's keys as the left operand as they lie: k is
+    a slice of the cache buffer, and q k^T made the matmul copy it transposed first (32 rows x 263 positions,
+    125m's shapes: 1.9 ms a call against 0.5 ms). The softmax runs in fp32, its probabilities go back to q's dtype.
+    """
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
+    G = H // K  # query heads per key/value head, as in causal_attention_blocked
+    scores = k @ q.reshape(B, K, G * T, D).transpose(-1, -2)  # (B, K, S, G * T)
+    scores = scores.view(B, K, S, G, T).permute(0, 1, 3, 4, 2)  # (B, K, G, T, S), a view
+    probs = (scores.float() * D ** -0.5).masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
+    out = probs.to(q.dtype).reshape(B, K, G * T, S) @ v  # (B, K, G * T, D)
+    return out.view(B, H, T, D)
+
+
+def use_matmul_cached_attention(kernel: str, device: torch.device, batch_size: int) -> bool:
+    """With a cache, `auto` (and `blocked`, which has no masked form) use the matmuls on CPU from 2 rows up."""
+    return kernel != "sdpa" and device.type == "cpu" and batch_size >= 2
 
 
 def use_blocked_attention(kernel: str, device: torch.device, seq_len: int) -> bool:

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.config import ModelConfig, RopeScaling
-from minillama.kernels import ATTENTION_KERNELS, causal_attention_blocked, use_blocked_attention
+from minillama.kernels import (ATTENTION_KERNELS, cached_attention_matmul, causal_attention_blocked,
+                               use_blocked_attention, use_matmul_cached_attention)
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets equal to it (padding) carry no loss
 
@@ -141,7 +142,7 @@ class Attention(nn.Module):
         if kernel not in ATTENTION_KERNELS:
             raise ValueError(f"attention kernel must be one of {ATTENTION_KERNELS}, got {kernel!r}")
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.kernel = kernel  # auto | sdpa | blocked (kernels.py); used without a cache
+        self.kernel = kernel  # auto | sdpa | blocked: which attention code runs (kernels.py)
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
@@ -173,7 +174,10 @@ class Attention(nn.Module):
             cache_v[rows, :, positions] = v.transpose(1, 2).to(cache_v.dtype)
             span = mask.shape[-1]  # S: the positions any row of this batch can see
             k, v = cache_k[:, :, :span].to(q.dtype), cache_v[:, :, :span].to(q.dtype)  # (B, K, S, D)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
+            if use_matmul_cached_attention(self.kernel, x.device, B):
+                out = cached_attention_matmul(q, k, v, mask)  # (B, H, T, D)
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)  # (B, H, T, D)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, C)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minillama.config import ModelConfig
-from minillama.kernels import causal_attention_blocked
+from minillama.kernels import cached_attention_matmul, causal_attention_blocked
 from minillama.model import IGNORE_INDEX, Transformer
 from minillama.runtime import retain_freed_memory
 from minillama.train.config import OptimConfig
@@ -109,6 +109,18 @@ def test_blocked_attention_equals_sdpa(query_block):
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
     for grad, expected_grad in zip(torch.autograd.grad(out, (q, k, v), grad_out), expected_grads):
         torch.testing.assert_close(grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_cached_attention_matmul_equals_sdpa(T):
+    """Decoding's kernel: rows at different positions over a padded span of 40 cached keys, through the mask."""
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(3, 6, T, 16, generator=generator)
+    k, v = torch.randn(2, 3, 2, 40, 16, generator=generator)
+    positions = torch.tensor([39, 4, 17])[:, None] - T + 1 + torch.arange(T)  # (B, T): each row's own
+    mask = torch.arange(40) <= positions[:, None, :, None]  # (B, 1, T, S)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(cached_attention_matmul(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
 def _trajectory(model: Transformer, steps: int = 3, **parallel) -> list[tuple[float, float]]:
