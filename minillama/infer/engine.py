@@ -43,9 +43,10 @@ side with Hugging Face on a quiet machine):
 - `compile=True`: the decode forward compiled with torch.compile over a static cache (fixed shapes, no host
   sync), batch sizes padded to buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their
   lengths are put back). On CUDA it is the default, with mode="reduce-overhead": each bucket's step replays as
-  a CUDA graph. On CPU it compiles with inductor's freezing (weights prepacked for oneDNN): the 15m preset in
-  bf16 went from 5.8-7.0 ms per token eager to 3.8 ms (4.8 ms compiled without freezing; fp32: 7.5 -> 6.6 ms),
-  but compiling takes 30-90 s, so it is off there by default (`minillama generate --compile`; worth it for a
+  a CUDA graph. On CPU it compiles with inductor's freezing (weights prepacked for oneDNN) and attention as
+  matmuls: the 15m preset in bf16 on 1 thread went from ~15 ms per token eager to ~7 ms (143 tokens/s; 89.8
+  compiled without freezing, which torch 2.13 had silently skipped; 2026-12-02, quiet machine, one run each),
+  but compiling takes 15-90 s, so it is off there by default (`minillama generate --compile`; worth it for a
   long-running server).
 - Sampling costs one argmax for greedy rows without penalties or log-probabilities; filters and draws are
   batched over rows (sampling.py).
@@ -201,10 +202,11 @@ class Engine:
             if self.device.type == "cuda":
                 self._decode_forward = torch.compile(self._forward_last, mode="reduce-overhead", dynamic=False)
             else:
-                # Freezing: the weights become constants of the graph, prepacked for oneDNN's matmuls (bf16 15m:
-                # 3.8 ms per token against 4.8 without it). The model must not change afterwards, and the packed
-                # copies take memory beside its weights.
-                self._decode_forward = torch.compile(self._forward_last, dynamic=False, options={"freezing": True})
+                # Freezing: the weights become constants of the graph, prepacked for oneDNN's matmuls. The model must
+                # not change afterwards, and the packed copies take memory beside its weights. Inductor reads the
+                # setting from its global config while compiling (torch 2.13: passed as options={"freezing": True}
+                # to torch.compile it is ignored and the graph keeps aten::mm), so _decode patches it around calls.
+                self._decode_forward = torch.compile(self._forward_last, dynamic=False)
         self._ids = itertools.count()
         self._waiting: deque[SequenceState] = deque()
         self._prefilling: SequenceState | None = None
@@ -371,6 +373,9 @@ class Engine:
         if self.compiled and self.device.type == "cuda":
             # A new iteration for CUDA graph trees: the last step's logits (already sampled) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
+        elif self.compiled:
+            with torch._inductor.config.patch(freezing=True):  # compiles (the first call of a bucket) frozen
+                return self._decode_forward(tokens, cache)
         return self._decode_forward(tokens, cache)
 
     def _encode(self, prompt: Sequence[int] | str) -> list[int]:
