@@ -420,7 +420,7 @@ def print_table(results: list[dict], bandwidth: float) -> None:
                   f"| {fmt(c.get('bandwidth_fraction'), '{:.0%}')} "
                   f"| {fmt(c.get('bandwidth_limit_tokens_per_s'), '{:,.0f}')} "
                   f"| {fmt(c['decode_tokens_per_s_quiet'], '{:,.1f}')} | {c['decode_cpu_ms_per_token']:.2f} "
-                  f"| {dict([(True, 'yes'), (False, 'no')]).get(c['first_tokens_agree'], '-')} |")
+                  f"| { {True: 'yes', False: 'no'}.get(c['first_tokens_agree'], '-') } |")
         for name, why in res["unavailable"].items():
             print(f"| {label} | {name} | 1 | {why} | | | | | | | | | |")
     for res in results:

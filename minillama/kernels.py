@@ -1,5 +1,5 @@
 """Attention kernels that `model.Attention` chooses between. Each computes exactly causal softmax attention;
-they differ only in speed and memory on a given device, and tests/test_model.py pins them equal in fp32.
+they differ only in speed and memory on a given device, and tests/test_train_step.py pins them equal in fp32.
 
 - `sdpa`: `F.scaled_dot_product_attention`, PyTorch's fused kernels (flash / memory-efficient on GPU, a flash
   kernel on CPU). O(T) memory; the only choice for long sequences and GPUs.
