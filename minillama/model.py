@@ -92,38 +92,42 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 class KVCache:
     """Keys and values of past positions for every layer, in fixed-size buffers, with each row's own length.
 
-    k, v: (n_layers, B, K, max_len, D); lengths: (B,) int64, the positions each row holds. A forward with the cache
-    writes its new keys at the rows' `positions` and attends over the buffer through a mask (a key is seen iff its
-    position <= the query's), so rows of one batch sit at different positions, a row is reset by setting its length
-    to 0 (what it held is masked out, then overwritten) and rolled back by lowering it (speculative decoding).
-    `static` keeps the attended span at max_len so that shapes never change and no forward syncs with the host
-    (CUDA graphs); otherwise a forward attends only up to the longest row. `rows(a, b)` is a view of some rows, to
-    prefill or decode them alone.
+    k, v: one (B, K, max_len, D) buffer per layer; lengths: (B,) int64, the positions each row holds. A forward with
+    the cache writes its new keys at the rows' `positions` and attends over the buffer through a mask (a key is seen
+    iff its position <= the query's), so rows of one batch sit at different positions, a row is reset by setting its
+    length to 0 (what it held is masked out, then overwritten) and rolled back by lowering it (speculative
+    decoding). `static` keeps the attended span at max_len so that shapes never change and no forward syncs with the
+    host (CUDA graphs); otherwise a forward attends only up to the longest row. `rows(a, b)` is a view of some rows,
+    to prefill or decode them alone. A buffer per layer, not one (n_layers, ...) tensor: a compiled forward then
+    writes each layer's new keys in place, where a write into a slice of one shared tensor made torch.compile copy
+    the whole cache for every layer (15m, 32 rows: 130 ms a step against 24 ms eager).
     """
 
-    k: torch.Tensor
-    v: torch.Tensor
+    k: tuple[torch.Tensor, ...]  # n_layers x (B, K, max_len, D)
+    v: tuple[torch.Tensor, ...]
     lengths: torch.Tensor
     static: bool = False
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, max_len: int, *, dtype: torch.dtype,
               device: torch.device | str = "cpu", static: bool = False) -> KVCache:
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype),
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return cls(tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)),
+                   tuple(torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)),
                    torch.zeros(batch_size, device=device, dtype=torch.long), static)
 
     @property
     def batch_size(self) -> int:
-        return self.k.shape[1]
+        return self.lengths.shape[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
 
     def rows(self, start: int, stop: int) -> KVCache:
         """Rows [start, stop) as a cache of their own: views, so writes land in this cache."""
-        return KVCache(self.k[:, start:stop], self.v[:, start:stop], self.lengths[start:stop], self.static)
+        return KVCache(tuple(k[start:stop] for k in self.k), tuple(v[start:stop] for v in self.v),
+                       self.lengths[start:stop], self.static)
 
     def reset(self, row: int | None = None) -> None:
         """Empty one row (or all): its next forward starts at position 0."""

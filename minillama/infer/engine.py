@@ -184,7 +184,7 @@ class Engine:
         # write to them; step() runs under inference_mode.
         self.cache = KVCache.empty(cfg, max_batch, max_len, dtype=cache_dtype or model.tok_embeddings.weight.dtype,
                                    device=self.device, static=static)
-        self.kv_bytes_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.cache.k.element_size()
+        self.kv_bytes_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * self.cache.k[0].element_size()
         self.max_cached_tokens = max_cached_tokens if max_cached_tokens is not None else max_batch * max_len
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_id
@@ -195,7 +195,7 @@ class Engine:
         self._decode_forward = self._forward_last
         if self.compiled:
             for view in self._views.values():
-                for tensor in (view.k, view.v, view.lengths):
+                for tensor in (*view.k, *view.v, view.lengths):
                     torch._dynamo.mark_static_address(tensor)  # the cache is state, not an input to copy
             # One graph per bucket: allow that many (dynamo's default limit of 8 would fall back to eager).
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self._buckets) + 1)
@@ -501,8 +501,8 @@ class Engine:
 
 def move_cache_row(cache: KVCache, src: int, dst: int, length: int) -> None:
     """Copy a row's first `length` positions into another row, which then holds them; the source row is empty."""
-    cache.k[:, dst, :, :length].copy_(cache.k[:, src, :, :length])
-    cache.v[:, dst, :, :length].copy_(cache.v[:, src, :, :length])
+    for buffer in (*cache.k, *cache.v):  # (B, K, max_len, D) each
+        buffer[dst, :, :length].copy_(buffer[src, :, :length])
     cache.lengths[dst] = length
     cache.lengths[src] = 0
 
