@@ -129,6 +129,12 @@ class KVCache:
         return KVCache(tuple(k[start:stop] for k in self.k), tuple(v[start:stop] for v in self.v),
                        self.lengths[start:stop], self.static)
 
+    def prefix(self, length: int) -> KVCache:
+        """Every row's first `length` positions as a cache of its own (views): a static one attends over just those,
+        so a compiled step's span can follow the rows' lengths (the CPU engine marks it dynamic)."""
+        return KVCache(tuple(k[:, :, :length] for k in self.k), tuple(v[:, :, :length] for v in self.v),
+                       self.lengths, self.static)
+
     def reset(self, row: int | None = None) -> None:
         """Empty one row (or all): its next forward starts at position 0."""
         if row is None:

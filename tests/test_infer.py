@@ -557,3 +557,21 @@ def test_compiled_cpu_decode_step_runs_with_prepacked_weights():
     # The prompt's prefill is eager: one forward, 7 projections a layer and the head. The 3 decode steps add none.
     mm_calls = sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
     assert mm_calls == 7 * engine.model.cfg.n_layers + 1, mm_calls
+
+
+@pytest.mark.slow
+def test_compiled_warm_up_leaves_nothing_to_compile_under_load():
+    """`warm_up()` compiles every batch bucket's decode step (the span a dynamic dimension), so rows joining and
+    leaving at any length compile nothing more, and the output equals the eager engine's. Slow: `pytest -m slow`."""
+    from torch._dynamo.utils import counters
+
+    model = small_model()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    prompts = prompts_of([3, 9, 5, 14, 7])
+    engine = Engine(model, max_batch=4, compile=True)
+    engine.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    got = engine.generate(prompts, params)
+    assert counters["stats"]["unique_graphs"] == compiled
+    want = Engine(model, max_batch=4).generate(prompts, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]

@@ -82,6 +82,10 @@ def load_server(config: ServeConfig) -> ServerState:
                                  draft_tokens=config.draft_tokens)
     engine = setup.engine(max_batch=config.max_batch, max_len=config.max_context, compile=config.compile,
                           prefill_chunk=config.prefill_chunk, max_cached_tokens=config.max_cached_tokens)
+    if engine.compiled:  # every batch size's graph before the first request, not while requests wait on it
+        print("minillama: compiling the decode step (a graph per batch size up to --max-batch) ...", file=sys.stderr,
+              flush=True)
+        print(f"minillama: compiled in {engine.warm_up():.0f} s", file=sys.stderr, flush=True)
     scheduler = Scheduler(engine, max_queue=config.max_queue, metrics=ServerMetrics())
     scheduler.start()
     return ServerState(scheduler, setup.tokenizer, ChatFormatter.from_checkpoint(config.checkpoint, setup.tokenizer),
