@@ -332,6 +332,22 @@ async def wait_healthy(base_url: str, server: Server, timeout_s: float) -> float
     raise RuntimeError(f"the server was not healthy after {timeout_s:.0f} s:\n{server.log_tail()}")
 
 
+def engine_step_totals(base_url: str) -> tuple[float, int] | None:
+    """minillama's engine: seconds spent in steps and steps taken so far (its /metrics histogram); None for a
+    server without it. Their difference over the load says how busy the engine thread was."""
+    import httpx
+    from prometheus_client.parser import text_string_to_metric_families
+
+    try:
+        text = httpx.get(f"{base_url}/metrics", timeout=5.0).text
+        samples = {s.name: s.value for family in text_string_to_metric_families(text) for s in family.samples}
+    except (httpx.HTTPError, ValueError):
+        return None
+    if "minillama_engine_step_seconds_sum" not in samples:
+        return None
+    return samples["minillama_engine_step_seconds_sum"], int(samples["minillama_engine_step_seconds_count"])
+
+
 async def served_model_name(base_url: str, checkpoint: Path) -> str:
     """The name to put in requests: the checkpoint path where /v1/models lists it, else its first model."""
     import httpx
@@ -504,6 +520,7 @@ def run_contestant(name: str, checkpoint: Path, prompts: list[str], args, log_di
         warm_s = time.perf_counter() - warm
         if warm_errors:
             print(f"    warm-up errors: {sorted(set(warm_errors))[:3]}", flush=True)
+        steps_before = engine_step_totals(base_url)
         busy, own, server_cpu = _busy_cpu_s(), _own_cpu_s(), server.cpu_s()
         records, wall_s = asyncio.run(run_load(base_url, model, prompts, args.clients, args.requests_per_client,
                                                args.max_tokens, extra, args.time_cap, args.ramp))
@@ -511,6 +528,7 @@ def run_contestant(name: str, checkpoint: Path, prompts: list[str], args, log_di
         server_cpu = None if server_cpu is None or server.cpu_s() is None else server.cpu_s() - server_cpu
         busy = None if busy is None else _busy_cpu_s() - busy
         alive = server.process.poll() is None
+        steps_after = engine_step_totals(base_url) if steps_before is not None else None
     finally:
         server.stop()
     summary = summarize(records, wall_s)
@@ -518,11 +536,18 @@ def run_contestant(name: str, checkpoint: Path, prompts: list[str], args, log_di
     summary.update(startup_s=startup_s, warmup_s=warm_s, warmup_errors=len(warm_errors), server_cpu_s=server_cpu,
                    client_cpu_s=own, others_cpu_fraction=others, server_alive_after_load=alive,
                    total_s=time.perf_counter() - started)
+    if steps_after is not None:  # the engine thread's time in steps, and the mean step, during the load
+        step_s, steps = steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]
+        summary.update(engine_steps=steps, engine_step_s=step_s, engine_busy_fraction=step_s / wall_s,
+                       engine_mean_step_s=step_s / steps if steps else None)
     print(f"    {summary['output_tokens_per_s']:.1f} tokens/s, {summary['completed']}/{summary['requests']} done, "
           f"{summary['errors']} errors, {summary['cut_by_time_cap']} cut, TTFT p50/p99 "
           f"{fmt_s(summary['ttft_p50_s'])}/{fmt_s(summary['ttft_p99_s'])}, TPOT p50/p99 "
           f"{fmt_s(summary['tpot_p50_s'])}/{fmt_s(summary['tpot_p99_s'])} (startup {startup_s:.1f} s, warm-up "
           f"{warm_s:.1f} s)", flush=True)
+    if summary.get("engine_steps"):
+        print(f"    engine: {summary['engine_steps']} steps, mean {1000 * summary['engine_mean_step_s']:.1f} ms, "
+              f"busy {summary['engine_busy_fraction']:.0%} of the load's wall clock", flush=True)
     return dict(command=command, model_name=model, extra_body=extra, log=str(server.log_path), summary=summary,
                 requests=[asdict(r) for r in records])
 

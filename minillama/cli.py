@@ -386,6 +386,9 @@ def add_serve_commands(sub: argparse._SubParsersAction) -> None:
     add_quantize_arguments(e)
     e.add_argument("--draft", metavar="CKPT", help="speculative decoding with this smaller checkpoint")
     e.add_argument("--draft-tokens", type=int, metavar="K", help="tokens drafted per step (default 4)")
+    e.add_argument("--engine-in-process", action="store_true", help="run the engine on a thread of the server's "
+                                                                     "process, not in a child process (slower under "
+                                                                     "load: the two share the GIL)")
     h = p.add_argument_group("limits")
     h.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413 (default 1 MiB)")
     h.add_argument("--grace", type=float, default=30.0, metavar="S", help="on SIGTERM, seconds running requests "
@@ -402,7 +405,7 @@ def run_serve(args: argparse.Namespace) -> None:
                       prefill_chunk=args.prefill_chunk, quantize=args.quantize, group_size=args.group_size,
                       draft=args.draft, draft_tokens=args.draft_tokens, device=args.device, dtype=args.dtype,
                       threads=args.threads, compile=args.compile, max_body_bytes=args.max_body_bytes,
-                      grace_s=args.grace))
+                      grace_s=args.grace, engine_in_process=args.engine_in_process))
 
 
 # --------------------------------------------------------------------------------------------------------------

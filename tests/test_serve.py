@@ -360,6 +360,39 @@ def test_sigterm_drains_running_requests_and_exits_0(tiny_checkpoint):
     assert finishes == ["length"] * 4
 
 
+def engine_process_pids(pid: int) -> list[int]:
+    """The server's children spawned by multiprocessing to run a function (not its resource tracker)."""
+    children = [int(p) for task in Path(f"/proc/{pid}/task").iterdir() for p in (task / "children").read_text().split()]
+    return [c for c in children if b"spawn_main" in Path(f"/proc/{c}/cmdline").read_bytes()]
+
+
+def test_an_engine_process_that_dies_fails_its_requests_and_health_but_not_the_server(tiny_checkpoint):
+    """The engine runs in a child process (engine_link.py). Killed mid-request: the stream ends with an error
+    event in OpenAI's shape, /health turns 503 naming the exit, new requests get 503, and SIGTERM still
+    ends the server with 0."""
+    s = ServerProcess(tiny_checkpoint)
+    try:
+        (engine_pid,) = engine_process_pids(s.proc.pid)
+        assert complete(s, prompt="ROMEO:", max_tokens=4).status_code == 200  # it answers through the child
+        body = {"model": s.checkpoint, "prompt": "ROMEO:", "max_tokens": CONTEXT, "ignore_eos": True,
+                "stream": True}
+        events = []
+        with httpx.stream("POST", f"{s.url}/v1/completions", json=body, timeout=60) as stream:
+            for line in stream.iter_lines():
+                if line.startswith("data: ") and not events:
+                    os.kill(engine_pid, signal.SIGKILL)  # after the first chunk: the request is running
+                events += [line[6:]] if line.startswith("data: ") else []
+        assert json.loads(events[-2])["error"]["type"] == "server_error" and events[-1] == "[DONE]", events[-3:]
+        deadline = time.monotonic() + 10
+        while (health := httpx.get(f"{s.url}/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert health.status_code == 503 and "engine process exited" in health.json()["reason"], health.text
+        assert complete(s, prompt="ROMEO:", max_tokens=4).status_code in (500, 503)
+        assert s.proc.poll() is None  # the HTTP server is still up, saying what is wrong
+    finally:
+        assert s.stop() == 0
+
+
 def test_health_reports_an_engine_loop_that_stopped_making_progress(tiny_model):
     """In-process: the engine's step blocks; /health turns 503 once the heartbeat is older than the limit, and
     200 again when the loop moves. An engine that raises is reported too."""

@@ -89,11 +89,11 @@ class ServerState:
 
     @property
     def max_len(self) -> int:
-        return self.scheduler.engine.max_len
+        return self.scheduler.info.max_len
 
     @property
     def max_n(self) -> int:
-        return self.scheduler.engine.max_batch
+        return self.scheduler.info.max_batch
 
 
 class ApiError(Exception):
@@ -342,7 +342,7 @@ def completion_prompts(state: ServerState, body: CompletionRequest) -> list[list
     texts_or_ids = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
     bos = state.tokenizer.bos_id is not None
     ids = [state.tokenizer.encode(p, bos=bos) if isinstance(p, str) else list(p) for p in texts_or_ids]
-    vocab = state.scheduler.engine.cfg.vocab_size
+    vocab = state.scheduler.info.vocab_size
     for p in ids:
         bad = next((t for t in p if t >= vocab), None)
         if bad is not None:

@@ -1,7 +1,7 @@
-"""The bridge between asyncio request handlers and the engine: one background thread owns the Engine and calls
-`step()`; everything else talks to it through a lock-protected inbox.
+"""The bridge between asyncio request handlers and the engine: one background thread drives the engine (here or in
+a child process: engine_link.py); everything else talks to it through a lock-protected inbox.
 
-    scheduler = Scheduler(engine, max_queue=256, metrics=ServerMetrics())
+    scheduler = Scheduler(engine, max_queue=256, metrics=ServerMetrics())    # an Engine, or an EngineProcess
     scheduler.start()
     request = scheduler.submit(prompts, params, asyncio.get_running_loop())   # QueueFull, ShuttingDown
     async for index, out in request.outputs(): ...                            # StepOutputs of its sequences
@@ -10,9 +10,10 @@
 Iteration-level batching is the engine's (engine.py): a sequence added between two steps starts its (chunked)
 prefill in the next one, and a finished or cancelled sequence frees its row and KV memory at once. This thread
 only moves requests in and outputs out:
-- each loop takes the inbox (new requests, cancellations) under the lock, adds and cancels in the engine, then
-  runs one step and hands each output to its request's asyncio queue with `loop.call_soon_threadsafe`; so a
-  cancellation takes effect before the next step, within one decode step of the client leaving;
+- each loop takes the inbox (new requests, cancellations) under the lock and makes one call to the engine: cancel
+  those, add these, step (engine_link.run_call); then it hands each output to its request's asyncio queue with
+  `loop.call_soon_threadsafe`; so a cancellation takes effect before the next step, within one decode step of the
+  client leaving;
 - the queue is bounded: sequences waiting for a cache row (the engine's) plus those in the inbox never exceed
   `max_queue`, and `submit` raises QueueFull beyond it (the server answers 429); KV-memory admission is the
   engine's `max_cached_tokens` budget;
@@ -34,6 +35,7 @@ from dataclasses import dataclass, field
 from minillama.errors import MinillamaError
 from minillama.infer.engine import Engine, StepOutput
 from minillama.infer.sampling import SamplingParams
+from minillama.serve.engine_link import EngineCall, EngineFailed, EngineInfo, EngineProcess, EngineReply, LocalEngine
 from minillama.serve.metrics import ServerMetrics
 
 log = logging.getLogger("minillama.serve")
@@ -51,10 +53,6 @@ class ShuttingDown(MinillamaError):
 
 class RequestCancelled(Exception):
     """The request was cancelled (its client went away) before it finished."""
-
-
-class EngineFailed(Exception):
-    """The engine thread stopped on an unexpected error; the request cannot finish (HTTP 500)."""
 
 
 @dataclass
@@ -121,10 +119,12 @@ def _deliver(items: list[tuple[ScheduledRequest, Output]]) -> None:
 class Scheduler:
     """Owns an Engine on a background thread (see the module docstring). Thread-safe."""
 
-    def __init__(self, engine: Engine, max_queue: int = 256, metrics: ServerMetrics | None = None) -> None:
+    def __init__(self, engine: Engine | EngineProcess, max_queue: int = 256,
+                 metrics: ServerMetrics | None = None) -> None:
         if max_queue < 1:
             raise MinillamaError(f"max_queue must be >= 1, got {max_queue}")
-        self.engine = engine
+        self.link = engine if isinstance(engine, EngineProcess) else LocalEngine(engine)
+        self.info: EngineInfo = self.link.info
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self._cond = threading.Condition()
@@ -132,7 +132,9 @@ class Scheduler:
         self._inbox_sequences = 0
         self._cancels: list[ScheduledRequest] = []
         self._engine_waiting = 0  # the engine's waiting sequences after the last step (under the lock)
+        self._engine_has_work = False  # as the last call's reply said
         self._active: set[ScheduledRequest] = set()  # in the engine, not finished (engine thread only)
+        self._adding: list[ScheduledRequest] = []  # handed to the engine by the call in progress (engine thread)
         self._by_seq: dict[int, tuple[ScheduledRequest, int]] = {}  # seq_id -> (request, index)
         self._busy = 0  # requests submitted and not finished (under the lock)
         self._accepting = True
@@ -145,7 +147,7 @@ class Scheduler:
     # From the HTTP side
     # ----------------------------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.metrics.set_engine(self.engine.stats(), 0)
+        self.metrics.set_engine(self.info.stats, 0)
         self._thread.start()
 
     def submit(self, prompts: Sequence[list[int]], params: Sequence[SamplingParams],
@@ -210,6 +212,8 @@ class Scheduler:
             return f"the engine loop stopped on an error: {type(self.error).__name__}: {self.error}"
         if not self._thread.is_alive():
             return "the engine loop is not running"
+        if (problem := self.link.problem()) is not None:
+            return problem
         quiet_s = time.monotonic() - self.heartbeat_s
         if quiet_s > stall_s:
             return f"the engine loop has made no progress for {quiet_s:.0f} s (limit {stall_s:g} s)"
@@ -220,69 +224,70 @@ class Scheduler:
     # ----------------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while self._take_inbox():
-                if self.engine.has_work():
-                    started = time.perf_counter()
-                    outputs = self.engine.step()
-                    self.metrics.step.observe(time.perf_counter() - started)
-                    self._dispatch(outputs)
-                stats = self.engine.stats()
+            while (taken := self._take_inbox()) is not None:
+                call, added = taken
+                reply = self.link.call(call)
+                self._engine_has_work = reply.has_work
+                self._accept(added, reply)
+                self._adding = []
+                if reply.step_s is not None:
+                    self.metrics.step.observe(reply.step_s)
+                    self._dispatch(reply.outputs)
                 with self._cond:
-                    self._engine_waiting = stats.waiting
-                    self.metrics.set_engine(stats, self._inbox_sequences)
+                    self._engine_waiting = reply.stats.waiting
+                    self.metrics.set_engine(reply.stats, self._inbox_sequences)
                 self.heartbeat_s = time.monotonic()
-        except BaseException as exc:  # a bug in the engine: fail every request, report unhealthy
+        except BaseException as exc:  # a bug in the engine, or its process died: fail every request, unhealthy
             log.exception("the engine loop stopped")
             with self._cond:
                 self.error = exc
-                failed = list(self._inbox) + list(self._active)
+                failed = list(self._inbox) + self._adding + list(self._active)
                 self._inbox.clear()
                 for request in failed:
                     request.post(Failed(EngineFailed("the engine stopped on an internal error")))
                     self._retire(request)
                 self._cond.notify_all()
 
-    def _take_inbox(self) -> bool:
-        """Wait for work, then apply cancellations and add new requests to the engine. False: stop the loop."""
+    def _take_inbox(self) -> tuple[EngineCall, list[ScheduledRequest]] | None:
+        """Wait for work, then take the cancellations and new requests: the engine call that applies them (and
+        steps), and the requests it adds. None: stop the loop."""
         with self._cond:
-            while not (self._stop or self._inbox or self._cancels or self.engine.has_work()):
+            while not (self._stop or self._inbox or self._cancels or self._engine_has_work):
                 self.heartbeat_s = time.monotonic()
                 self._cond.wait(timeout=IDLE_WAIT_S)
             if self._stop:
-                return False
+                return None
+            cancel = []
             for request in self._cancels:
                 for seq_id in request.seq_ids:
-                    if self.engine.cancel(seq_id):
-                        self._by_seq.pop(seq_id, None)
+                    cancel.append(seq_id)
+                    self._by_seq.pop(seq_id, None)
                 self._active.discard(request)
                 self._retire(request)
             self._cancels.clear()
-            while self._inbox:
-                self._add(self._inbox.popleft())
+            added = self._adding = list(self._inbox)
+            self._inbox.clear()
+            # In the engine's queue from this call on, where the reply's stats count them: until then here.
+            self._engine_waiting += self._inbox_sequences
             self._inbox_sequences = 0
-            self._engine_waiting = self.engine.stats().waiting
-        return True
+        return EngineCall(cancel, [(r.prompts, r.params) for r in added]), added
 
-    def _add(self, request: ScheduledRequest) -> None:
-        try:
-            request.seq_ids = [self.engine.add(p, q) for p, q in zip(request.prompts, request.params)]
-        except MinillamaError as exc:  # bad input the engine saw: nothing of the request stays queued
-            for seq_id in request.seq_ids:
-                self.engine.cancel(seq_id)
-            request.post(Failed(exc))
-            self._retire(request)
-            return
-        except Exception:  # noqa: BLE001 - logged; the request gets a 500, the loop goes on
-            log.exception("adding a request to the engine failed")
-            request.post(Failed(EngineFailed("the engine could not take this request")))
-            self._retire(request)
-            return
-        request.remaining = len(request.seq_ids)
-        for index, seq_id in enumerate(request.seq_ids):
-            self._by_seq[seq_id] = (request, index)
-        self._active.add(request)
-        self.metrics.prompt_tokens.inc(sum(len(p) for p in request.prompts))
-        request.post(Accepted())
+    def _accept(self, added: list[ScheduledRequest], reply: EngineReply) -> None:
+        """The engine's answer to the requests the call added: their sequence ids, or why it refused them (bad input
+        it saw: nothing of the request stays queued)."""
+        for request, result in zip(added, reply.added):
+            if isinstance(result, Exception):
+                request.post(Failed(result))
+                with self._cond:
+                    self._retire(request)
+                continue
+            request.seq_ids = result
+            request.remaining = len(result)
+            for index, seq_id in enumerate(result):
+                self._by_seq[seq_id] = (request, index)
+            self._active.add(request)
+            self.metrics.prompt_tokens.inc(sum(len(p) for p in request.prompts))
+            request.post(Accepted())
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         now = time.perf_counter()
@@ -328,6 +333,7 @@ class Scheduler:
             self._cond.notify_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
             self._thread.join()
+        self.link.close()
         with self._cond:  # the thread is gone: whatever is left will not finish
             for request in list(self._inbox) + list(self._active):
                 request.post(Failed(error))

@@ -23,8 +23,10 @@ from types import FrameType
 from minillama.errors import MinillamaError
 from minillama.serve.app import DEFAULT_HEALTH_STALL_S, DEFAULT_MAX_BODY_BYTES, ServerState, build_app
 from minillama.serve.chat import ChatFormatter
+from minillama.serve.engine_link import EngineProcess, build_engine
 from minillama.serve.metrics import ServerMetrics
 from minillama.serve.scheduler import Scheduler
+from minillama.tokenizer import load_tokenizer
 
 log = logging.getLogger("minillama.serve")
 
@@ -56,6 +58,7 @@ class ServeConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     grace_s: float = 30.0
     health_stall_s: float = DEFAULT_HEALTH_STALL_S
+    engine_in_process: bool = False  # the engine on a thread of the server's process, not a child (engine_link.py)
 
     def check(self) -> None:
         for name in ("max_batch", "max_queue", "prefill_chunk", "max_body_bytes"):
@@ -72,23 +75,18 @@ class ServeConfig:
 
 
 def load_server(config: ServeConfig) -> ServerState:
-    """The engine (loaded as `minillama generate` loads it), its scheduler thread (started) and the app's state."""
-    from minillama.infer.generate import load_inference_setup, set_threads
-
+    """The engine (loaded as `minillama generate` loads it; in a child process unless `engine_in_process`), its
+    scheduler thread (started) and the app's state."""
     config.check()
-    set_threads(config.threads)  # before the engine thread starts: it runs with these intra-op threads
-    setup = load_inference_setup(config.checkpoint, device=config.device, dtype=config.dtype,
-                                 quantize=config.quantize, group_size=config.group_size, draft=config.draft,
-                                 draft_tokens=config.draft_tokens)
-    engine = setup.engine(max_batch=config.max_batch, max_len=config.max_context, compile=config.compile,
-                          prefill_chunk=config.prefill_chunk, max_cached_tokens=config.max_cached_tokens)
-    if engine.compiled:  # every batch size's graph before the first request, not while requests wait on it
-        print("minillama: compiling the decode step (a graph per batch size up to --max-batch) ...", file=sys.stderr,
-              flush=True)
-        print(f"minillama: compiled in {engine.warm_up():.0f} s", file=sys.stderr, flush=True)
+    if config.engine_in_process:
+        engine = build_engine(config)
+        tokenizer = engine.tokenizer
+    else:
+        engine = EngineProcess(config)  # returns once the child has loaded (and compiled)
+        tokenizer = load_tokenizer(config.checkpoint)
     scheduler = Scheduler(engine, max_queue=config.max_queue, metrics=ServerMetrics())
     scheduler.start()
-    return ServerState(scheduler, setup.tokenizer, ChatFormatter.from_checkpoint(config.checkpoint, setup.tokenizer),
+    return ServerState(scheduler, tokenizer, ChatFormatter.from_checkpoint(config.checkpoint, tokenizer),
                        model_name=config.served_model_name or config.checkpoint, api_key=config.api_key,
                        max_body_bytes=config.max_body_bytes, health_stall_s=config.health_stall_s)
 
@@ -135,7 +133,7 @@ def serve(config: ServeConfig) -> None:
                 host = f"[{config.host}]" if ":" in config.host else config.host
                 url = f"http://{host}:{port}"
                 print(f"minillama: serving {state.model_name!r} at {url}/v1 (chat template: "
-                      f"{state.chat.template_name}; {state.scheduler.engine.max_batch} sequences at once, context "
+                      f"{state.chat.template_name}; {state.scheduler.info.max_batch} sequences at once, context "
                       f"{state.max_len})", flush=True)
                 print(curl_example(url, state.model_name, config.api_key is not None), flush=True)
 
