@@ -273,6 +273,18 @@ def extra_body(name: str) -> dict:
     return {"generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
 
 
+def _process_tree(pid: int) -> list[int]:
+    """A process and its descendants alive now (Linux /proc)."""
+    children = [int(c) for task in Path(f"/proc/{pid}/task").iterdir()
+                for c in (task / "children").read_text().split()]
+    return [pid] + [p for child in children for p in _process_tree(child)]
+
+
+def _process_cpu_s(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Server:
     """A server subprocess in its own session, its output in a log file."""
 
@@ -290,10 +302,10 @@ class Server:
             return ""
 
     def cpu_s(self) -> float | None:
-        """CPU seconds the server process has used, all its threads (Linux)."""
+        """CPU seconds the server has used: its process and the processes it started (minillama's engine process),
+        all their threads (Linux)."""
         try:
-            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+            return sum(_process_cpu_s(pid) for pid in _process_tree(self.process.pid))
         except (OSError, ValueError, IndexError):
             return None
 

@@ -1,30 +1,38 @@
-"""How the scheduler's thread reaches the engine: one call per loop (cancel these sequences, add these requests,
-then step), answered with what happened (the new sequences' ids or why they were refused, the step's outputs, the
-engine's stats). `run_call` is the one place that turns such a call into Engine methods; the two links differ only
-in where it runs:
+"""How the scheduler reaches the engine: calls (cancel these sequences, add these requests) go one way over a pipe,
+replies (the new sequences' ids or why they were refused, a step's outputs, the engine's stats) come back the
+other. At the far end `serve_engine` runs the engine's loop, the same code wherever it runs:
 
-- `LocalEngine`: in this process, on the scheduler's thread (tests, and `minillama serve --engine-in-process`);
-- `EngineProcess`: in a child process (spawned) that loads the checkpoint, compiles and then answers calls over a
-  pipe; what `minillama serve` uses. vLLM's V1 engine core runs apart from its API server for the same reason.
+- `EngineProcess`: in a child process (spawned) that loads the checkpoint, compiles and then serves; what
+  `minillama serve` uses. vLLM's V1 engine core runs apart from its API server for the same reason (below).
+- `EngineThread`: on a thread of this process, over an Engine the caller built (tests, and
+  `minillama serve --engine-in-process`).
+
+The loop never waits for the server: while it has work it applies whatever calls have arrived, steps, sends the
+reply and goes on to the next step; it blocks on the pipe only when idle. A call that arrives during a step is
+applied before the next one, so a cancellation takes effect within one decode step of reaching the pipe. Each
+reply says how many calls it answers (`calls`) and holds one entry of `added` per request those calls added, in
+order.
 
 Why a process. The HTTP side is Python (JSON, SSE framing, asyncio) and so is the glue of an engine step, and both
 need the GIL: in one process every return from a torch kernel waits for the HTTP thread to let the GIL go (up to
 the 5 ms switch interval). Measured on the 2-core CPU, 15m preset in bf16, compiled, 2 threads, 32 rows
 (2026-12-03): the engine alone took 19.3 ms a step; beside a thread that spends 4 ms of pure Python per step it
-took 26.5 ms, beside a process that spends 6 ms of every 20 busy 24.3 ms; inside the server under 32 streaming
+took 26.5 ms, beside another process busy 6 ms of every 20 it took 24.3 ms; inside the server under 32 streaming
 clients, one process, 37.4 ms. A child process still shares the CPUs, but not the GIL.
 
-The child ignores SIGINT and SIGTERM (the server process decides when to stop: draining first) and exits when the
-pipe closes, so it never outlives the server. An error inside a step ends the child after it reports the error;
-the scheduler then fails every request and /health turns 503.
+The child ignores SIGINT and SIGTERM (the server decides when to stop: draining first) and exits when the pipe
+closes, so it never outlives the server. An error inside a step ends the loop after it reports the error; the
+scheduler then fails every request and /health turns 503.
 """
 
 from __future__ import annotations
 
 import logging
 import multiprocessing
+import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -56,8 +64,7 @@ class EngineInfo:
 
 @dataclass
 class EngineCall:
-    """One loop's work: drop `cancel` (sequence ids) before anything else, add `add` (per request: its prompts and
-    their sampling parameters), then step if the engine has work."""
+    """Drop `cancel` (sequence ids), then add `add` (per request: its prompts and their sampling parameters)."""
 
     cancel: list[int]
     add: list[tuple[list[list[int]], list[SamplingParams]]]
@@ -65,29 +72,57 @@ class EngineCall:
 
 @dataclass
 class EngineReply:
-    added: list[list[int] | Exception]  # per request of the call: its sequence ids, or why it was refused
+    calls: int  # the calls applied since the last reply
+    added: list[list[int] | Exception]  # per request those calls added: its sequence ids, or why it was refused
     outputs: list[StepOutput]  # the step's (empty when there was nothing to step)
     step_s: float | None  # how long the step took (None: no step)
     stats: EngineStats  # after the step
-    has_work: bool  # whether the next loop should step even without new requests
+    has_work: bool  # whether another reply follows without a new call
 
 
 def engine_info(engine: Engine) -> EngineInfo:
     return EngineInfo(engine.max_len, engine.max_batch, engine.cfg.vocab_size, engine.stats())
 
 
-def run_call(engine: Engine, call: EngineCall) -> EngineReply:
-    """Carry out a call on an engine (see EngineCall)."""
-    for seq_id in call.cancel:
-        engine.cancel(seq_id)
-    added = [_add_request(engine, prompts, params) for prompts, params in call.add]
+def serve_engine(engine: Engine, conn: Any) -> None:
+    """The engine's loop at the far end of the pipe (module docstring), until it receives None or the pipe
+    closes. An error in a step is sent as ("failed", its message) and ends the loop."""
+    while True:
+        try:
+            calls = [] if engine.has_work() else [conn.recv()]  # idle: wait for a call
+            while conn.poll():
+                calls.append(conn.recv())
+        except (EOFError, OSError):  # the server's end is gone
+            return
+        if None in calls:
+            return
+        try:
+            message = ("reply", apply_calls(engine, calls))
+        except BaseException as exc:  # a bug in the engine: report it, then stop (the scheduler fails everything)
+            log.exception("the engine stopped")
+            message = ("failed", f"{type(exc).__name__}: {exc}")
+        try:
+            conn.send(message)
+        except OSError:  # the server's end is gone
+            return
+        if message[0] == "failed":
+            return
+
+
+def apply_calls(engine: Engine, calls: Sequence[EngineCall]) -> EngineReply:
+    """Carry out calls on an engine, in order, then step if it has work."""
+    added = []
+    for call in calls:
+        for seq_id in call.cancel:
+            engine.cancel(seq_id)
+        added += [_add_request(engine, prompts, params) for prompts, params in call.add]
     outputs: list[StepOutput] = []
     step_s = None
     if engine.has_work():
         started = time.perf_counter()
         outputs = engine.step()
         step_s = time.perf_counter() - started
-    return EngineReply(added, outputs, step_s, engine.stats(), engine.has_work())
+    return EngineReply(len(calls), added, outputs, step_s, engine.stats(), engine.has_work())
 
 
 def _add_request(engine: Engine, prompts: Sequence[list[int]], params: Sequence[SamplingParams]
@@ -109,79 +144,114 @@ def _add_request(engine: Engine, prompts: Sequence[list[int]], params: Sequence[
     return refusal
 
 
-class LocalEngine:
-    """The engine on the caller's thread."""
+class _Link:
+    """The server's end of the pipe: calls are sent by a thread of their own (a caller never blocks on a full pipe,
+    even while the engine is busy with a long step), replies are read by the caller."""
 
-    def __init__(self, engine: Engine) -> None:
-        self.engine = engine
-        self.info = engine_info(engine)
+    info: EngineInfo
 
-    def call(self, call: EngineCall) -> EngineReply:
-        return run_call(self.engine, call)
+    def __init__(self, conn: Any) -> None:
+        self._conn = conn
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_all, name="minillama-engine-calls", daemon=True)
+        self._sender.start()
 
-    def problem(self) -> str | None:
-        return None
+    def send(self, call: EngineCall) -> None:
+        """Hand a call to the engine (in order of sending); returns at once."""
+        self._outbox.put(call)
 
-    def close(self) -> None:
-        pass
-
-
-class EngineProcess:
-    """The engine in a spawned child process, built there from the server's config (module docstring). The
-    constructor returns once the child has loaded the checkpoint (and compiled, with --compile); a checkpoint or
-    setting the child cannot load raises MinillamaError with its message."""
-
-    def __init__(self, config: ServeConfig) -> None:
-        context = multiprocessing.get_context("spawn")  # not fork: torch's threads do not survive a fork
-        self._conn, child_conn = context.Pipe()
-        self._process = context.Process(target=_child_main, args=(child_conn, config), name="minillama-engine",
-                                        daemon=True)
-        self._process.start()
-        child_conn.close()
+    def receive(self, timeout_s: float) -> EngineReply | None:
+        """The next reply, or None when none came within timeout_s; raises EngineFailed when the engine has failed
+        or is gone."""
         try:
-            kind, payload = self._receive()
-        except EngineFailed as exc:
-            self.close()
-            raise MinillamaError(f"the engine process could not start: {exc}") from None
-        if kind != "ready":
-            self.close()
-            raise MinillamaError(payload)
-        self.info: EngineInfo = payload
-
-    def call(self, call: EngineCall) -> EngineReply:
-        try:
-            self._conn.send(call)
-        except OSError:
-            raise EngineFailed(self._exit_message()) from None
-        kind, payload = self._receive()
+            if not self._conn.poll(timeout_s):
+                return None
+            kind, payload = self._conn.recv()
+        except (EOFError, OSError):
+            raise EngineFailed(self._gone()) from None
         if kind != "reply":
             raise EngineFailed(payload)
         return payload
 
-    def problem(self) -> str | None:
-        """Why the engine cannot answer (its process has exited), in one line; None while it runs."""
-        return None if self._process.is_alive() else self._exit_message()
+    def close(self) -> None:
+        """Tell the engine's loop to end (call it once nobody reads replies any more); the subclass then waits for
+        the loop, and closes the pipe."""
+        self._outbox.put(None)
+        self._sender.join(10)
 
-    def close(self, timeout_s: float = 10.0) -> None:
-        """Ask the child to exit (it also does when the pipe closes); kill it if it has not after timeout_s."""
-        try:
-            self._conn.send(None)
-        except OSError:
-            pass
+    def problem(self) -> str | None:
+        """Why the engine cannot answer (its loop has ended), in one line; None while it runs."""
+        return None
+
+    def _gone(self) -> str:
+        return "the engine's loop has ended"
+
+    def _send_all(self) -> None:
+        while True:
+            call = self._outbox.get()
+            try:
+                self._conn.send(call)
+            except OSError:  # the far end is gone; receive() reports it
+                return
+            if call is None:
+                return
+
+
+class EngineThread(_Link):
+    """The engine's loop on a thread of this process, over an engine the caller built."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.info = engine_info(engine)
+        ours, theirs = multiprocessing.Pipe()
+        self._thread = threading.Thread(target=serve_engine, args=(engine, theirs), name="minillama-engine",
+                                        daemon=True)
+        self._thread.start()
+        super().__init__(ours)
+
+    def problem(self) -> str | None:
+        return None if self._thread.is_alive() else self._gone()
+
+    def close(self) -> None:
+        super().close()
+        self._thread.join(10)
         self._conn.close()
-        self._process.join(timeout_s)
+
+
+class EngineProcess(_Link):
+    """The engine's loop in a spawned child process that builds the engine from the server's config (module
+    docstring). The constructor returns once the child has loaded the checkpoint (and compiled, with --compile);
+    a checkpoint or setting the child cannot load raises MinillamaError with its message."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        context = multiprocessing.get_context("spawn")  # not fork: torch's threads do not survive a fork
+        ours, theirs = context.Pipe()
+        self._process = context.Process(target=_child_main, args=(theirs, config), name="minillama-engine",
+                                        daemon=True)
+        self._process.start()
+        theirs.close()
+        try:
+            kind, payload = ours.recv()
+        except (EOFError, OSError):
+            self._process.join(5)
+            raise MinillamaError(f"the engine process could not start: {self._gone()}") from None
+        if kind != "ready":
+            self._process.join(5)
+            raise MinillamaError(payload)
+        self.info = payload
+        super().__init__(ours)
+
+    def problem(self) -> str | None:
+        return None if self._process.is_alive() else self._gone()
+
+    def close(self) -> None:
+        super().close()
+        self._process.join(10)
         if self._process.is_alive():
             self._process.kill()
             self._process.join()
+        self._conn.close()
 
-    def _receive(self) -> tuple[str, Any]:
-        try:
-            return self._conn.recv()
-        except (EOFError, OSError):
-            self._process.join(5)
-            raise EngineFailed(self._exit_message()) from None
-
-    def _exit_message(self) -> str:
+    def _gone(self) -> str:
         return f"the engine process exited (exit code {self._process.exitcode})"
 
 
@@ -204,7 +274,7 @@ def build_engine(config: ServeConfig) -> Engine:
 
 
 def _child_main(conn: Any, config: ServeConfig) -> None:
-    """The child: build the engine, say it is ready, then answer calls until told to stop or the pipe closes."""
+    """The child process: build the engine, say it is ready (or why not), then serve it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
@@ -213,21 +283,8 @@ def _child_main(conn: Any, config: ServeConfig) -> None:
         conn.send(("error", str(exc)))
         return
     conn.send(("ready", engine_info(engine)))
-    while True:
-        try:
-            call = conn.recv()
-        except (EOFError, OSError):  # the server process is gone
-            return
-        if call is None:
-            return
-        try:
-            reply = run_call(engine, call)
-        except BaseException as exc:  # a bug in the engine: report it, then stop (the scheduler fails everything)
-            log.exception("the engine stopped")
-            conn.send(("failed", f"{type(exc).__name__}: {exc}"))
-            sys.exit(1)
-        conn.send(("reply", reply))
+    serve_engine(engine, conn)
 
 
-__all__ = ["EngineFailed", "EngineInfo", "EngineCall", "EngineReply", "LocalEngine", "EngineProcess", "run_call",
-           "build_engine", "engine_info"]
+__all__ = ["EngineFailed", "EngineInfo", "EngineCall", "EngineReply", "EngineThread", "EngineProcess",
+           "serve_engine", "apply_calls", "build_engine", "engine_info"]

@@ -1,5 +1,5 @@
-"""The bridge between asyncio request handlers and the engine: one background thread drives the engine (here or in
-a child process: engine_link.py); everything else talks to it through a lock-protected inbox.
+"""The bridge between asyncio request handlers and the engine, which runs its own loop at the far end of a pipe (in
+a child process, or on a thread: engine_link.py).
 
     scheduler = Scheduler(engine, max_queue=256, metrics=ServerMetrics())    # an Engine, or an EngineProcess
     scheduler.start()
@@ -8,17 +8,19 @@ a child process: engine_link.py); everything else talks to it through a lock-pro
     scheduler.cancel(request)                                                 # a client went away
 
 Iteration-level batching is the engine's (engine.py): a sequence added between two steps starts its (chunked)
-prefill in the next one, and a finished or cancelled sequence frees its row and KV memory at once. This thread
+prefill in the next one, and a finished or cancelled sequence frees its row and KV memory at once. The scheduler
 only moves requests in and outputs out:
-- each loop takes the inbox (new requests, cancellations) under the lock and makes one call to the engine: cancel
-  those, add these, step (engine_link.run_call); then it hands each output to its request's asyncio queue with
-  `loop.call_soon_threadsafe`; so a cancellation takes effect before the next step, within one decode step of the
-  client leaving;
-- the queue is bounded: sequences waiting for a cache row (the engine's) plus those in the inbox never exceed
-  `max_queue`, and `submit` raises QueueFull beyond it (the server answers 429); KV-memory admission is the
-  engine's `max_cached_tokens` budget;
-- `heartbeat_s` is stamped every loop (at least every IDLE_WAIT_S when idle), so a loop stuck in a step or a
-  thread that died shows in `health()`;
+- `submit` and `cancel` send their call at once (the engine applies it before its next step, so a cancellation
+  takes effect within one decode step of the client leaving); a request cancelled before the engine has answered
+  with its sequence ids is cancelled when that answer comes;
+- a background thread reads the engine's replies: the requests it took (or refused: bad input it saw) and each
+  step's outputs, which it hands to their requests' asyncio queues with `loop.call_soon_threadsafe` (one wake-up of
+  each event loop per step);
+- the queue is bounded: sequences sent and not answered yet plus those waiting for a cache row (the engine's)
+  never exceed `max_queue`, and `submit` raises QueueFull beyond it (the server answers 429); KV-memory admission
+  is the engine's `max_cached_tokens` budget;
+- `heartbeat_s` is stamped at every reply, and every IDLE_WAIT_S while the engine is idle with nothing sent, so an
+  engine stuck in a step, or gone, shows in `health()`;
 - `drain()` stops new requests (ShuttingDown) and waits for the running ones, up to a grace period.
 """
 
@@ -28,19 +30,18 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from minillama.errors import MinillamaError
 from minillama.infer.engine import Engine, StepOutput
 from minillama.infer.sampling import SamplingParams
-from minillama.serve.engine_link import EngineCall, EngineFailed, EngineInfo, EngineProcess, EngineReply, LocalEngine
+from minillama.serve.engine_link import EngineCall, EngineFailed, EngineInfo, EngineProcess, EngineReply, EngineThread
 from minillama.serve.metrics import ServerMetrics
 
 log = logging.getLogger("minillama.serve")
 
-IDLE_WAIT_S = 0.5  # an idle loop wakes this often to stamp its heartbeat
+IDLE_WAIT_S = 0.5  # the reply reader wakes this often when none comes, to stamp the heartbeat of an idle engine
 
 
 class QueueFull(MinillamaError):
@@ -84,6 +85,7 @@ class ScheduledRequest:
     remaining: int = 0  # sequences not finished yet
     first_token_s: dict[int, float] = field(default_factory=dict)
     finished: bool = False  # every sequence finished, or cancelled, or failed
+    answered: bool = False  # the engine said whether it took the request
 
     def post(self, item: Accepted | Output | Failed) -> None:
         """From the engine thread: hand an item to the request's event loop."""
@@ -117,31 +119,29 @@ def _deliver(items: list[tuple[ScheduledRequest, Output]]) -> None:
 
 
 class Scheduler:
-    """Owns an Engine on a background thread (see the module docstring). Thread-safe."""
+    """Talks to an engine's loop (see the module docstring). Thread-safe."""
 
     def __init__(self, engine: Engine | EngineProcess, max_queue: int = 256,
                  metrics: ServerMetrics | None = None) -> None:
         if max_queue < 1:
             raise MinillamaError(f"max_queue must be >= 1, got {max_queue}")
-        self.link = engine if isinstance(engine, EngineProcess) else LocalEngine(engine)
+        self.link = engine if isinstance(engine, EngineProcess) else EngineThread(engine)
         self.info: EngineInfo = self.link.info
         self.max_queue = max_queue
         self.metrics = metrics or ServerMetrics()
         self._cond = threading.Condition()
-        self._inbox: deque[ScheduledRequest] = deque()
-        self._inbox_sequences = 0
-        self._cancels: list[ScheduledRequest] = []
-        self._engine_waiting = 0  # the engine's waiting sequences after the last step (under the lock)
-        self._engine_has_work = False  # as the last call's reply said
-        self._active: set[ScheduledRequest] = set()  # in the engine, not finished (engine thread only)
-        self._adding: list[ScheduledRequest] = []  # handed to the engine by the call in progress (engine thread)
-        self._by_seq: dict[int, tuple[ScheduledRequest, int]] = {}  # seq_id -> (request, index)
+        self._sent: list[ScheduledRequest] = []  # sent, not answered yet, in order of sending (under the lock)
+        self._sent_sequences = 0
+        self._engine_waiting = 0  # the engine's waiting sequences at its last reply (under the lock)
+        self._engine_has_work = False  # as its last reply said (reader thread)
+        self._active: set[ScheduledRequest] = set()  # taken by the engine, not finished (under the lock)
+        self._by_seq: dict[int, tuple[ScheduledRequest, int]] = {}  # seq_id -> (request, index) of running ones
         self._busy = 0  # requests submitted and not finished (under the lock)
         self._accepting = True
         self._stop = False
         self.error: BaseException | None = None
         self.heartbeat_s = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="minillama-engine", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="minillama-engine-replies", daemon=True)
 
     # ----------------------------------------------------------------------------------------------------------
     # From the HTTP side
@@ -158,30 +158,29 @@ class Scheduler:
         with self._cond:
             if not self._accepting or self.error is not None:
                 raise ShuttingDown("the server is shutting down and takes no new requests")
-            queued = self._inbox_sequences + self._engine_waiting
+            queued = self._sent_sequences + self._engine_waiting
             if queued + len(request.prompts) > self.max_queue:
                 raise QueueFull(f"the server is busy: {queued} sequences are queued (at most {self.max_queue}); "
                                 "retry later")
-            self._inbox.append(request)
-            self._inbox_sequences += len(request.prompts)
+            self._sent.append(request)
+            self._sent_sequences += len(request.prompts)
             self._busy += 1
-            self._cond.notify()
+            self.link.send(EngineCall([], [(request.prompts, request.params)]))  # in the order of self._sent
         return request
 
     def cancel(self, request: ScheduledRequest) -> None:
-        """Drop a request's sequences before the next step; their rows and KV memory return to the pool. A
-        finished request is left alone. Whoever still waits on the request gets RequestCancelled."""
+        """Drop a request's sequences before the engine's next step; their rows and KV memory return to the pool.
+        A finished request is left alone. Whoever still waits on the request gets RequestCancelled."""
         with self._cond:
             if request.finished:
                 return
             request.post(Failed(RequestCancelled("the request was cancelled")))
-            if request in self._inbox:
-                self._inbox.remove(request)
-                self._inbox_sequences -= len(request.prompts)
-                self._retire(request)
-            else:
-                self._cancels.append(request)
-            self._cond.notify()
+            if request.answered:  # else when the engine answers (_answer)
+                self.link.send(EngineCall(list(request.seq_ids), []))
+                self._active.discard(request)
+                for seq_id in request.seq_ids:
+                    self._by_seq.pop(seq_id, None)
+            self._retire(request)
 
     def drain(self, grace_s: float) -> bool:
         """Take no new requests; wait up to grace_s for the submitted ones to finish, then cancel what is left
@@ -197,7 +196,7 @@ class Scheduler:
         return drained
 
     def stop(self) -> None:
-        """Stop the engine thread (requests still running get ShuttingDown)."""
+        """Stop the engine and the reply reader (requests still running get ShuttingDown)."""
         with self._cond:
             self._accepting = False
         self._stop_engine(ShuttingDown("the server shut down before this request finished"))
@@ -220,74 +219,62 @@ class Scheduler:
         return None
 
     # ----------------------------------------------------------------------------------------------------------
-    # The engine thread
+    # The reply reader
     # ----------------------------------------------------------------------------------------------------------
     def _run(self) -> None:
         try:
-            while (taken := self._take_inbox()) is not None:
-                call, added = taken
-                reply = self.link.call(call)
+            while not self._stop:
+                reply = self.link.receive(IDLE_WAIT_S)
+                if reply is None:  # nothing came: fine if the engine is idle and nothing is on its way to it
+                    with self._cond:
+                        if not (self._engine_has_work or self._sent):
+                            self.heartbeat_s = time.monotonic()
+                    continue
                 self._engine_has_work = reply.has_work
-                self._accept(added, reply)
-                self._adding = []
+                self._answer(reply)
                 if reply.step_s is not None:
                     self.metrics.step.observe(reply.step_s)
                     self._dispatch(reply.outputs)
                 with self._cond:
                     self._engine_waiting = reply.stats.waiting
-                    self.metrics.set_engine(reply.stats, self._inbox_sequences)
+                    self.metrics.set_engine(reply.stats, self._sent_sequences)
                 self.heartbeat_s = time.monotonic()
         except BaseException as exc:  # a bug in the engine, or its process died: fail every request, unhealthy
+            if self._stop:
+                return
             log.exception("the engine loop stopped")
             with self._cond:
                 self.error = exc
-                failed = list(self._inbox) + self._adding + list(self._active)
-                self._inbox.clear()
-                for request in failed:
+                for request in self._sent + list(self._active):
                     request.post(Failed(EngineFailed("the engine stopped on an internal error")))
                     self._retire(request)
+                self._sent.clear()
+                self._active.clear()
                 self._cond.notify_all()
 
-    def _take_inbox(self) -> tuple[EngineCall, list[ScheduledRequest]] | None:
-        """Wait for work, then take the cancellations and new requests: the engine call that applies them (and
-        steps), and the requests it adds. None: stop the loop."""
-        with self._cond:
-            while not (self._stop or self._inbox or self._cancels or self._engine_has_work):
-                self.heartbeat_s = time.monotonic()
-                self._cond.wait(timeout=IDLE_WAIT_S)
-            if self._stop:
-                return None
-            cancel = []
-            for request in self._cancels:
-                for seq_id in request.seq_ids:
-                    cancel.append(seq_id)
-                    self._by_seq.pop(seq_id, None)
-                self._active.discard(request)
-                self._retire(request)
-            self._cancels.clear()
-            added = self._adding = list(self._inbox)
-            self._inbox.clear()
-            # In the engine's queue from this call on, where the reply's stats count them: until then here.
-            self._engine_waiting += self._inbox_sequences
-            self._inbox_sequences = 0
-        return EngineCall(cancel, [(r.prompts, r.params) for r in added]), added
-
-    def _accept(self, added: list[ScheduledRequest], reply: EngineReply) -> None:
-        """The engine's answer to the requests the call added: their sequence ids, or why it refused them (bad input
+    def _answer(self, reply: EngineReply) -> None:
+        """The engine's answers to the requests sent first: their sequence ids, or why it refused them (bad input
         it saw: nothing of the request stays queued)."""
-        for request, result in zip(added, reply.added):
-            if isinstance(result, Exception):
-                request.post(Failed(result))
-                with self._cond:
+        with self._cond:
+            answered = self._sent[:len(reply.added)]
+            del self._sent[:len(reply.added)]
+            for request, result in zip(answered, reply.added):
+                request.answered = True
+                self._sent_sequences -= len(request.prompts)
+                if isinstance(result, Exception):
+                    request.post(Failed(result))
                     self._retire(request)
-                continue
-            request.seq_ids = result
-            request.remaining = len(result)
-            for index, seq_id in enumerate(result):
-                self._by_seq[seq_id] = (request, index)
-            self._active.add(request)
-            self.metrics.prompt_tokens.inc(sum(len(p) for p in request.prompts))
-            request.post(Accepted())
+                    continue
+                request.seq_ids = result
+                request.remaining = len(result)
+                if request.finished:  # cancelled while on its way
+                    self.link.send(EngineCall(list(result), []))
+                    continue
+                for index, seq_id in enumerate(result):
+                    self._by_seq[seq_id] = (request, index)
+                self._active.add(request)
+                self.metrics.prompt_tokens.inc(sum(len(p) for p in request.prompts))
+                request.post(Accepted())
 
     def _dispatch(self, outputs: list[StepOutput]) -> None:
         now = time.perf_counter()
@@ -297,20 +284,23 @@ class Scheduler:
             if entry is None:
                 continue
             request, index = entry
+            if out.finish_reason is not None:
+                self._by_seq.pop(out.seq_id, None)
+            if request.finished:  # cancelled: its outputs from before the cancellation reached the engine
+                continue
             if index not in request.first_token_s and (out.token_ids or out.finish_reason):
                 request.first_token_s[index] = now
                 self.metrics.ttft.observe(now - request.submitted_s)
             self.metrics.generation_tokens.inc(len(out.token_ids))
             delivered.setdefault(request.loop, []).append((request, Output(index, out)))
             if out.finish_reason is not None:
-                del self._by_seq[out.seq_id]
                 request.remaining -= 1
                 tokens = len(out.completion.token_ids) if out.completion is not None else 0
                 if tokens > 1:
                     self.metrics.tpot.observe((now - request.first_token_s[index]) / (tokens - 1))
                 if request.remaining == 0:
-                    self._active.discard(request)
                     with self._cond:
+                        self._active.discard(request)
                         self._retire(request)
         # One wake-up of each event loop per step, not one per output: the HTTP thread then runs once per step
         # instead of interrupting the step's compute 32 times.
@@ -332,13 +322,13 @@ class Scheduler:
             self._stop = True
             self._cond.notify_all()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join()
+            self._thread.join()  # within IDLE_WAIT_S, plus the reply it may be handling
         self.link.close()
-        with self._cond:  # the thread is gone: whatever is left will not finish
-            for request in list(self._inbox) + list(self._active):
+        with self._cond:  # the engine is gone: whatever is left will not finish
+            for request in self._sent + list(self._active):
                 request.post(Failed(error))
                 self._retire(request)
-            self._inbox.clear()
+            self._sent.clear()
             self._active.clear()
 
 
