@@ -17,8 +17,9 @@ Why a process. The HTTP side is Python (JSON, SSE framing, asyncio) and so is th
 need the GIL: in one process every return from a torch kernel waits for the HTTP thread to let the GIL go (up to
 the 5 ms switch interval). Measured on the 2-core CPU, 15m preset in bf16, compiled, 2 threads, 32 rows
 (2026-12-03): the engine alone took 19.3 ms a step; beside a thread that spends 4 ms of pure Python per step it
-took 26.5 ms, beside another process busy 6 ms of every 20 it took 24.3 ms; inside the server under 32 streaming
-clients, one process, 37.4 ms. A child process still shares the CPUs, but not the GIL.
+took 26.5 ms, beside another process busy 6 ms of every 20 it took 24.3 ms. Inside the server under 32 streaming
+clients (benchmarks/serve_load.py): on a thread of the server's process 50.8 ms, in a child process 24-29 ms
+(benchmarks/RESULTS.md). A child process still shares the CPUs, but not the GIL.
 
 The child ignores SIGINT and SIGTERM (the server decides when to stop: draining first) and exits when the pipe
 closes, so it never outlives the server. An error inside a step ends the loop after it reports the error; the
