@@ -95,7 +95,7 @@ def serve_engine(engine: Engine, conn: Any) -> None:
                 calls.append(conn.recv())
         except (EOFError, OSError):  # the server's end is gone
             return
-        if None in calls:
+        if any(call is None for call in calls):  # the server is closing
             return
         try:
             message = ("reply", apply_calls(engine, calls))
