@@ -146,13 +146,14 @@ def _add_request(engine: Engine, prompts: Sequence[list[int]], params: Sequence[
 
 
 class _Link:
-    """The server's end of the pipe: calls are sent by a thread of their own (a caller never blocks on a full pipe,
-    even while the engine is busy with a long step), replies are read by the caller."""
+    """The server's end of the pipe to the engine's loop, which `runner` (a thread or a process) runs: calls are
+    sent by a thread of their own (a caller never blocks on a full pipe, even while the engine is busy with a long
+    step), replies are read by the caller."""
 
     info: EngineInfo
 
-    def __init__(self, conn: Any) -> None:
-        self._conn = conn
+    def __init__(self, conn: Any, runner: threading.Thread | multiprocessing.process.BaseProcess) -> None:
+        self._conn, self._runner = conn, runner
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_all, name="minillama-engine-calls", daemon=True)
         self._sender.start()
@@ -174,15 +175,20 @@ class _Link:
             raise EngineFailed(payload)
         return payload
 
-    def close(self) -> None:
-        """Tell the engine's loop to end (call it once nobody reads replies any more); the subclass then waits for
-        the loop, and closes the pipe."""
+    def close(self, timeout_s: float = 10.0) -> None:
+        """End the engine's loop (call it once nobody reads replies any more): tell it to, wait up to timeout_s for
+        it (then kill a process), close the pipe."""
         self._outbox.put(None)
-        self._sender.join(10)
+        self._sender.join(timeout_s)
+        self._runner.join(timeout_s)
+        if isinstance(self._runner, multiprocessing.process.BaseProcess) and self._runner.is_alive():
+            self._runner.kill()
+            self._runner.join()
+        self._conn.close()
 
     def problem(self) -> str | None:
         """Why the engine cannot answer (its loop has ended), in one line; None while it runs."""
-        return None
+        return None if self._runner.is_alive() else self._gone()
 
     def _gone(self) -> str:
         return "the engine's loop has ended"
@@ -204,18 +210,9 @@ class EngineThread(_Link):
     def __init__(self, engine: Engine) -> None:
         self.info = engine_info(engine)
         ours, theirs = multiprocessing.Pipe()
-        self._thread = threading.Thread(target=serve_engine, args=(engine, theirs), name="minillama-engine",
-                                        daemon=True)
-        self._thread.start()
-        super().__init__(ours)
-
-    def problem(self) -> str | None:
-        return None if self._thread.is_alive() else self._gone()
-
-    def close(self) -> None:
-        super().close()
-        self._thread.join(10)
-        self._conn.close()
+        thread = threading.Thread(target=serve_engine, args=(engine, theirs), name="minillama-engine", daemon=True)
+        thread.start()
+        super().__init__(ours, thread)
 
 
 class EngineProcess(_Link):
@@ -239,18 +236,7 @@ class EngineProcess(_Link):
             self._process.join(5)
             raise MinillamaError(payload)
         self.info = payload
-        super().__init__(ours)
-
-    def problem(self) -> str | None:
-        return None if self._process.is_alive() else self._gone()
-
-    def close(self) -> None:
-        super().close()
-        self._process.join(10)
-        if self._process.is_alive():
-            self._process.kill()
-            self._process.join()
-        self._conn.close()
+        super().__init__(ours, self._process)
 
     def _gone(self) -> str:
         return f"the engine process exited (exit code {self._process.exitcode})"
