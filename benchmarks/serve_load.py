@@ -346,7 +346,7 @@ async def wait_healthy(base_url: str, server: Server, timeout_s: float) -> float
 
 def engine_step_totals(base_url: str) -> tuple[float, int] | None:
     """minillama's engine: seconds spent in steps and steps taken so far (its /metrics histogram); None for a
-    server without it. Their difference over the load says how busy the engine thread was."""
+    server without it. Their difference over the load says how busy the engine was."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -548,7 +548,7 @@ def run_contestant(name: str, checkpoint: Path, prompts: list[str], args, log_di
     summary.update(startup_s=startup_s, warmup_s=warm_s, warmup_errors=len(warm_errors), server_cpu_s=server_cpu,
                    client_cpu_s=own, others_cpu_fraction=others, server_alive_after_load=alive,
                    total_s=time.perf_counter() - started)
-    if steps_after is not None:  # the engine thread's time in steps, and the mean step, during the load
+    if steps_after is not None:  # the engine's time in steps, and the mean step, during the load
         step_s, steps = steps_after[0] - steps_before[0], steps_after[1] - steps_before[1]
         summary.update(engine_steps=steps, engine_step_s=step_s, engine_busy_fraction=step_s / wall_s,
                        engine_mean_step_s=step_s / steps if steps else None)

@@ -3,7 +3,8 @@
     app.py        routes, request checks, OpenAI's error shape, API key, body limit
     protocol.py   request models and response objects
     chat.py       chat messages -> prompt ids (the checkpoint's template, or the plain one)
-    scheduler.py  the engine thread: bounded queue, cancellation, heartbeat, draining
+    scheduler.py  between the handlers and the engine: bounded queue, cancellation, heartbeat, draining
+    engine_link.py  the engine's loop in a child process (or on a thread) and the pipe to it
     metrics.py    Prometheus metrics, a registry per server
     server.py     load a checkpoint, run uvicorn, drain on SIGTERM
 """

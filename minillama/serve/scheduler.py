@@ -88,7 +88,7 @@ class ScheduledRequest:
     answered: bool = False  # the engine said whether it took the request
 
     def post(self, item: Accepted | Output | Failed) -> None:
-        """From the engine thread: hand an item to the request's event loop."""
+        """From the scheduler's threads: hand an item to the request's event loop."""
         try:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more

@@ -1,5 +1,5 @@
-"""`minillama serve`: load a checkpoint, start the engine thread, and run the app under uvicorn until SIGTERM or
-Ctrl-C.
+"""`minillama serve`: start the engine (a child process that loads the checkpoint), and run the app under uvicorn
+until SIGTERM or Ctrl-C.
 
     serve(ServeConfig(checkpoint="runs/default/step-1000", port=8000))
 
