@@ -169,7 +169,8 @@ class _Link:
             if not self._conn.poll(timeout_s):
                 return None
             kind, payload = self._conn.recv()
-        except (EOFError, OSError):
+        except (EOFError, OSError):  # the far end closed: its loop has ended (a process: wait for its exit code)
+            self._runner.join(1)
             raise EngineFailed(self._gone()) from None
         if kind != "reply":
             raise EngineFailed(payload)
