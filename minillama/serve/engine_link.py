@@ -9,9 +9,8 @@ other. At the far end `serve_engine` runs the engine's loop, the same code where
 
 The loop never waits for the server: while it has work it applies whatever calls have arrived, steps, sends the
 reply and goes on to the next step; it blocks on the pipe only when idle. A call that arrives during a step is
-applied before the next one, so a cancellation takes effect within one decode step of reaching the pipe. Each
-reply says how many calls it answers (`calls`) and holds one entry of `added` per request those calls added, in
-order.
+applied before the next one, so a cancellation takes effect within one decode step of reaching the pipe. A reply
+holds one entry of `added` per request that the calls applied since the last reply added, in the order sent.
 
 Why a process. The HTTP side is Python (JSON, SSE framing, asyncio) and so is the glue of an engine step, and both
 need the GIL: in one process every return from a torch kernel waits for the HTTP thread to let the GIL go (up to
@@ -73,8 +72,7 @@ class EngineCall:
 
 @dataclass
 class EngineReply:
-    calls: int  # the calls applied since the last reply
-    added: list[list[int] | Exception]  # per request those calls added: its sequence ids, or why it was refused
+    added: list[list[int] | Exception]  # per request added since the last reply: its sequence ids, or why refused
     outputs: list[StepOutput]  # the step's (empty when there was nothing to step)
     step_s: float | None  # how long the step took (None: no step)
     stats: EngineStats  # after the step
@@ -123,7 +121,7 @@ def apply_calls(engine: Engine, calls: Sequence[EngineCall]) -> EngineReply:
         started = time.perf_counter()
         outputs = engine.step()
         step_s = time.perf_counter() - started
-    return EngineReply(len(calls), added, outputs, step_s, engine.stats(), engine.has_work())
+    return EngineReply(added, outputs, step_s, engine.stats(), engine.has_work())
 
 
 def _add_request(engine: Engine, prompts: Sequence[list[int]], params: Sequence[SamplingParams]

@@ -1,6 +1,6 @@
 """The server's Prometheus metrics, in a registry of its own (several servers in one process, as in tests, do not
-share counters). The scheduler's reply reader sets the gauges after every engine step and observes the latencies; the HTTP layer
-counts requests by status.
+share counters). The scheduler's reply reader sets the gauges after every engine step and observes the latencies;
+the HTTP layer counts requests by status.
 
     minillama_requests_total{endpoint, status}     HTTP requests answered, by route and status code
     minillama_prompt_tokens_total                  prompt tokens of accepted sequences
