@@ -18,8 +18,10 @@ tokens greedily without stopping at EOS.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
   sdpa and its default dynamic cache; `hf-<attn>-static-compiled-<dtype>`: with cache_implementation="static"
   and its automatic torch.compile of the forward (CompileConfig; mode reduce-overhead, i.e. CUDA graphs on
-  CUDA; on CPU inductor's freezing, as our compiled engine). The fastest HF contestant in the run is "HF best",
-  and every ratio is against it.
+  CUDA; on CPU with our compiled engine's inductor settings, `CPU_INDUCTOR_SETTINGS`, less freezing, which
+  HF's static-cache generate does not survive: autotuned GEMMs); `hf-<attn>-static-compiled-plain-<dtype>`: the
+  same with inductor's defaults. The fastest
+  HF contestant in the run is "HF best", and every ratio is against it.
 - `llamacpp-f16`, `llamacpp-q8_0` (optional: `pip install llama-cpp-python`, which builds llama.cpp): the same
   weights exported with `minillama export gguf` (minillama.interop.gguf) and decoded by llama.cpp itself
   (llama-cpp-python's low-level `eval`, one token at a time, greedy, the same prompt ids, f16 KV cache as llama.cpp
@@ -87,10 +89,11 @@ def parse(name: str) -> dict:
         if set(rest) - {"b8", "compiled"}:
             raise ValueError(name)
         return dict(kind="minillama", dtype=parts[1], batch=batch, compiled="compiled" in rest)
-    if parts[0] == "hf" and len(parts) in (3, 5) and parts[1] in ("eager", "sdpa") and parts[-1] in ("fp32", "bf16"):
-        if len(parts) == 5 and parts[2:4] != ["static", "compiled"]:
+    if parts[0] == "hf" and len(parts) in (3, 5, 6) and parts[1] in ("eager", "sdpa") and parts[-1] in ("fp32", "bf16"):
+        if len(parts) >= 5 and (parts[2:4] != ["static", "compiled"] or parts[4:-1] not in ([], ["plain"])):
             raise ValueError(name)
-        return dict(kind="hf", attention=parts[1], dtype=parts[-1], batch=1, compiled=len(parts) == 5)
+        return dict(kind="hf", attention=parts[1], dtype=parts[-1], batch=1, compiled=len(parts) >= 5,
+                    plain=len(parts) == 6)
     if name in LLAMACPP_CONTESTANTS:
         return dict(kind="llamacpp", dtype=name.split("-", 1)[1], batch=1, compiled=False)
     raise ValueError(name)
@@ -196,8 +199,19 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
     if settings["compiled"]:
         if device.startswith("cuda"):
             compile_config = CompileConfig(fullgraph=False)  # mode reduce-overhead: CUDA graphs
-        else:  # on CPU, inductor's freezing (prepacked oneDNN weights), as our compiled engine uses there
-            compile_config = CompileConfig(fullgraph=False, mode=None, options={"freezing": True})
+        else:
+            compile_config = CompileConfig(fullgraph=False, mode=None)
+            if not settings["plain"]:
+                # Our compiled engine's inductor settings less freezing: with freezing, HF's static-cache generate
+                # fails on its second call (torch 2.13, transformers 5.24: "index out of bounds" in a generated
+                # kernel), so HF's weights stay graph inputs and only its GEMMs are autotuned.
+                import torch._inductor.config
+
+                from minillama.infer.engine import CPU_INDUCTOR_SETTINGS
+
+                for key, value in CPU_INDUCTOR_SETTINGS.items():
+                    if key != "freezing":
+                        setattr(torch._inductor.config, key, value)
         compile_config._compile_all_devices = True  # HF compiles automatically on GPUs only unless told
         kwargs.update(cache_implementation="static", compile_config=compile_config)
     ids = torch.tensor([prompt], device=device)

@@ -542,18 +542,24 @@ def test_compiled_static_decode_equals_eager():
 
 @pytest.mark.slow
 def test_compiled_cpu_decode_step_runs_with_prepacked_weights():
-    """On CPU the compiled decode step is frozen: its matmuls run on weights prepacked for oneDNN/MKL, not through
-    aten::mm (torch.compile's options={"freezing": True} alone left aten::mm in the graph). Slow: `pytest -m slow`."""
+    """On CPU the compiled decode step is frozen and its matmuls autotuned: they run on weights prepacked for
+    oneDNN/MKL or in inductor's generated GEMM kernels (blocked weights), not through aten::mm
+    (torch.compile's options={"freezing": True} alone left aten::mm in the graph). Slow: `pytest -m slow`."""
+    from torch._dynamo.utils import counters
     from torch.profiler import profile
 
+    counters.clear()
     engine = Engine(small_model(), max_batch=1, compile=True)
     params = SamplingParams(max_new_tokens=4, temperature=0, ignore_eos=True)
-    engine.generate(prompts_of([5]), params)  # compiles
+    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):  # compiled here, afresh
+        engine.generate(prompts_of([5]), params)
+    assert counters["inductor"]["select_algorithm_autotune"] > 0, dict(counters["inductor"])
     with profile() as prof:
         engine.generate(prompts_of([5]), params)
     with_weights = {event.key for event in prof.key_averages()}
     packed = {"mkldnn::_linear_pointwise", "mkl::_mkl_linear"} & with_weights
-    assert packed, sorted(with_weights)
+    generated = counters["inductor"]["cpp_templated_kernel_counter"]
+    assert packed or generated, (sorted(with_weights), dict(counters["inductor"]))
     # The prompt's prefill is eager: one forward, 7 projections a layer and the head. The 3 decode steps add none.
     mm_calls = sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
     assert mm_calls == 7 * engine.model.cfg.n_layers + 1, mm_calls
