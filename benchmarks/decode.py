@@ -167,7 +167,10 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
         return dict(ttft_s=first_s, decode_tokens_per_s=decoded / decode_s,
                     decode_cpu_s_per_token=(_own_cpu_s() - cpu_start) / decoded)
 
-    weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, model.cfg.tie_embeddings)
+    # Tied only while the head is the embedding itself: quantizing the head leaves the embedding a copy of its own,
+    # of which a token reads one row.
+    tied = getattr(model.output, "weight", None) is model.tok_embeddings.weight
+    weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, tied)
     return run, weight_bytes, engine.kv_bytes_per_token, lambda: greedy_head(engine, prompt)
 
 

@@ -581,3 +581,19 @@ def test_compiled_warm_up_leaves_nothing_to_compile_under_load():
     assert counters["stats"]["unique_graphs"] == compiled
     want = Engine(model, max_batch=4).generate(prompts, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
+
+
+@pytest.mark.slow
+def test_two_compiled_engines_over_one_model_keep_their_own_graphs():
+    """A compiled CPU graph holds its engine's cache as constants; a second compiled engine over the same model in
+    the same process must compile its own (it took the first's: index out of bounds, or tokens decoded from the
+    first engine's cache). Slow: `pytest -m slow`."""
+    model = small_model()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    first, second = prompts_of([4, 9]), prompts_of([7, 3], seed=2)
+    want = Engine(model, max_batch=2).generate(first + second, params)
+    one = Engine(model, max_batch=2, compile=True)
+    two = Engine(model, max_batch=2, max_len=48, compile=True)
+    got = one.generate(first, params) + two.generate(second, params)
+    assert [c.token_ids for c in got] == [c.token_ids for c in want]
+    assert [c.token_ids for c in one.generate(second, params)] == [c.token_ids for c in want[2:]]

@@ -43,11 +43,12 @@ side with Hugging Face on a quiet machine):
 - `compile=True`: the decode forward compiled with torch.compile over a static cache (fixed shapes, no host
   sync), batch sizes padded to buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their
   lengths are put back). On CUDA it is the default, with mode="reduce-overhead": each bucket's step replays as
-  a CUDA graph. On CPU it compiles with inductor's freezing (weights prepacked for oneDNN) and attention as
-  matmuls: the 15m preset in bf16 on 1 thread went from ~15 ms per token eager to ~7 ms (143 tokens/s; 89.8
-  compiled without freezing, which torch 2.13 had silently skipped; 2026-12-02, quiet machine, one run each),
-  but compiling takes 15-90 s, so it is off there by default (`minillama generate --compile`; worth it for a
-  long-running server).
+  a CUDA graph. On CPU it compiles with inductor's freezing and autotuned GEMMs (`CPU_INDUCTOR_SETTINGS`:
+  inductor's own AVX-512 kernels over blocked weights where they time faster than oneDNN's) and, for one row,
+  attention as fused reductions (kernels.py). The 15m preset in bf16 went from ~15 ms a token eager to ~7 ms
+  frozen for oneDNN (2026-12-02) and ~2.5 ms now (2026-12-03, 2 threads); 350m from ~50 ms frozen to ~25 ms.
+  Compiling takes 1-3 minutes (autotuning times every matrix shape once; inductor caches the results on disk),
+  so it is off there by default (`minillama generate --compile`; worth it for a long-running server).
 - Sampling costs one argmax for greedy rows without penalties or log-probabilities; filters and draws are
   batched over rows (sampling.py).
 
@@ -80,6 +81,8 @@ from minillama.model import KVCache
 # (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times each shape once (compiling takes ~2x longer).
 CPU_INDUCTOR_SETTINGS = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                              autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
+
+_COMPILED_ENGINES = itertools.count()  # numbers the compiled engines of this process (Engine._forward_last)
 
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens, or the context is full
@@ -210,8 +213,10 @@ class Engine:
             for view in self._views.values():
                 for tensor in (*view.k, *view.v, view.lengths):
                     torch._dynamo.mark_static_address(tensor)  # the cache is state, not an input to copy
-            # One graph per bucket: allow that many (dynamo's default limit of 8 would fall back to eager).
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, len(self._buckets) + 1)
+            # One graph per bucket and engine: allow that many more (dynamo's default limit of 8 would fall back to
+            # eager). The engine's number is part of each graph's guards (see _forward_last).
+            torch._dynamo.config.recompile_limit += len(self._buckets) + 1
+            self._graph_key = next(_COMPILED_ENGINES)
             if self.device.type == "cuda":
                 self._decode_forward = torch.compile(self._forward_last, mode="reduce-overhead", dynamic=False)
             else:
@@ -399,6 +404,11 @@ class Engine:
     # Internals
     # ----------------------------------------------------------------------------------------------------------
     def _forward_last(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        if self.compiled and self._graph_key < 0:
+            # Never true; the comparison makes this engine's number a guard of its graphs. They hold its cache as
+            # constants (static addresses, frozen), so another engine over the same model in this process must not
+            # take them (it crashed with an index out of bounds, or decoded into the first engine's cache).
+            raise AssertionError("unreachable")
         return self.model(tokens, cache=cache)[:, -1]  # (B, V)
 
     def _decode_view(self, bucket: int) -> KVCache:
