@@ -46,7 +46,7 @@ side with Hugging Face on a quiet machine):
   a CUDA graph. On CPU it compiles with inductor's freezing and autotuned GEMMs (`CPU_INDUCTOR_SETTINGS`:
   inductor's own AVX-512 kernels over blocked weights where they time faster than oneDNN's) and, for one row,
   attention as fused reductions (kernels.py). The 15m preset in bf16 went from ~15 ms a token eager to ~7 ms
-  frozen for oneDNN (2026-12-02) and ~2.5 ms now (2026-12-03, 2 threads); 350m from ~50 ms frozen to ~25 ms.
+  frozen for oneDNN (2026-12-02) and ~2.5 ms now (2026-12-03, 2 threads); 350m from ~50 ms frozen to ~28 ms.
   Compiling takes 1-3 minutes (autotuning times every matrix shape once; inductor caches the results on disk),
   so it is off there by default (`minillama generate --compile`; worth it for a long-running server).
 - Sampling costs one argmax for greedy rows without penalties or log-probabilities; filters and draws are
