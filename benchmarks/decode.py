@@ -18,10 +18,9 @@ tokens greedily without stopping at EOS.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
   sdpa and its default dynamic cache; `hf-<attn>-static-compiled-<dtype>`: with cache_implementation="static"
   and its automatic torch.compile of the forward (CompileConfig; mode reduce-overhead, i.e. CUDA graphs on
-  CUDA; on CPU with our compiled engine's inductor settings, `CPU_INDUCTOR_SETTINGS`, less freezing, which
-  HF's static-cache generate does not survive: autotuned GEMMs); `hf-<attn>-static-compiled-plain-<dtype>`: the
-  same with inductor's defaults. The fastest
-  HF contestant in the run is "HF best", and every ratio is against it.
+  CUDA; on CPU with our compiled engine's inductor options, `CPU_COMPILE_OPTIONS`: autotuned GEMMs, but not its
+  freezing, which HF's static-cache generate does not survive); `hf-<attn>-static-compiled-plain-<dtype>`: the
+  same with inductor's defaults. The fastest HF contestant in the run is "HF best", and every ratio is against it.
 - `llamacpp-f16`, `llamacpp-q8_0` (optional: `pip install llama-cpp-python`, which builds llama.cpp): the same
   weights exported with `minillama export gguf` (minillama.interop.gguf) and decoded by llama.cpp itself
   (llama-cpp-python's low-level `eval`, one token at a time, greedy, the same prompt ids, f16 KV cache as llama.cpp
@@ -121,9 +120,11 @@ def initial_model(preset: str, device: str, dtype):
     return Transformer(ModelConfig.from_preset(preset)).to(device=device, dtype=dtype).eval()
 
 
-def weight_bytes_read(model, embedding, tied: bool) -> int:
-    """Bytes of every distinct parameter and buffer, less the input embedding when it is not also the output
-    projection (a lookup reads one row of it)."""
+def weight_bytes_read(model, embedding, head) -> int:
+    """Bytes of every distinct parameter and buffer, less the input embedding when it is not the output head's
+    weight itself (a lookup reads one row of it). Untied also when the head was quantized: the embedding then
+    keeps a floating-point copy of its own."""
+    tied = head is embedding
     import itertools
 
     seen, total = set(), 0
@@ -167,10 +168,7 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
         return dict(ttft_s=first_s, decode_tokens_per_s=decoded / decode_s,
                     decode_cpu_s_per_token=(_own_cpu_s() - cpu_start) / decoded)
 
-    # Tied only while the head is the embedding itself: quantizing the head leaves the embedding a copy of its own,
-    # of which a token reads one row.
-    tied = getattr(model.output, "weight", None) is model.tok_embeddings.weight
-    weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, tied)
+    weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, getattr(model.output, "weight", None))
     return run, weight_bytes, engine.kv_bytes_per_token, lambda: greedy_head(engine, prompt)
 
 
@@ -203,18 +201,13 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
         if device.startswith("cuda"):
             compile_config = CompileConfig(fullgraph=False)  # mode reduce-overhead: CUDA graphs
         else:
-            compile_config = CompileConfig(fullgraph=False, mode=None)
-            if not settings["plain"]:
-                # Our compiled engine's inductor settings less freezing: with freezing, HF's static-cache generate
-                # fails on its second call (torch 2.13, transformers 5.24: "index out of bounds" in a generated
-                # kernel), so HF's weights stay graph inputs and only its GEMMs are autotuned.
-                import torch._inductor.config
+            from minillama.infer.engine import CPU_COMPILE_OPTIONS
 
-                from minillama.infer.engine import CPU_INDUCTOR_SETTINGS
-
-                for key, value in CPU_INDUCTOR_SETTINGS.items():
-                    if key != "freezing":
-                        setattr(torch._inductor.config, key, value)
+            # Our compiled engine's options, not its freezing: with freezing, HF's static-cache generate fails on its
+            # second call (torch 2.13, transformers 5.24: "index out of bounds" in a generated kernel), so HF's
+            # weights stay graph inputs and only its GEMMs are autotuned.
+            compile_config = CompileConfig(fullgraph=False, mode=None,
+                                           options=None if settings["plain"] else dict(CPU_COMPILE_OPTIONS))
         compile_config._compile_all_devices = True  # HF compiles automatically on GPUs only unless told
         kwargs.update(cache_implementation="static", compile_config=compile_config)
     ids = torch.tensor([prompt], device=device)
@@ -238,7 +231,7 @@ def build_hf(settings: dict, preset: str, prompt: list[int], new_tokens: int, de
                     decode_cpu_s_per_token=(total_cpu_s - ttft_cpu_s) / (new_tokens - 1))
 
     kv_per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * torch.tensor([], dtype=dtype).element_size()
-    return run, weight_bytes_read(model, model.model.embed_tokens.weight, cfg.tie_embeddings), kv_per_token, \
+    return run, weight_bytes_read(model, model.model.embed_tokens.weight, model.lm_head.weight), kv_per_token, \
         lambda: generate(16)[0, len(prompt):].tolist()
 
 

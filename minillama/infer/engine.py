@@ -43,7 +43,7 @@ side with Hugging Face on a quiet machine):
 - `compile=True`: the decode forward compiled with torch.compile over a static cache (fixed shapes, no host
   sync), batch sizes padded to buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their
   lengths are put back). On CUDA it is the default, with mode="reduce-overhead": each bucket's step replays as
-  a CUDA graph. On CPU it compiles with inductor's freezing and autotuned GEMMs (`CPU_INDUCTOR_SETTINGS`:
+  a CUDA graph. On CPU it compiles with inductor's freezing and autotuned GEMMs (`CPU_COMPILE_OPTIONS`:
   inductor's own AVX-512 kernels over blocked weights where they time faster than oneDNN's) and, for one row,
   attention as fused reductions (kernels.py). The 15m preset in bf16 went from ~15 ms a token eager to ~7 ms
   frozen for oneDNN (2026-12-02) and ~2.5 ms now (2026-12-03, 2 threads); 350m from ~50 ms frozen to ~28 ms.
@@ -74,13 +74,14 @@ from minillama.infer.sampling import SamplingParams, SequenceSampler, TokenLogpr
 from minillama.infer.streaming import TextStream
 from minillama.model import KVCache
 
-# Inductor's settings around a compiled CPU decode step. Freezing makes the weights constants of the graph;
-# max_autotune with the CPP backend lets inductor generate its own matrix kernels for them (blocked weights, AVX-512
-# micro-kernels, the int8 scale as an epilogue) and keep oneDNN's where those time faster. 350m's 169 projections
-# in bf16 at one row, 2 threads, interleaved rounds: 18.3 ms a token generated against 34.1 ms prepacked for oneDNN
-# (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times each shape once (compiling takes ~2x longer).
-CPU_INDUCTOR_SETTINGS = dict(freezing=True, max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
-                             autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
+# Inductor's options for a compiled CPU decode step, beside freezing (which makes the weights constants of the
+# graph; see _decode). max_autotune with the CPP backend lets inductor generate its own matrix kernels for the
+# frozen weights (blocked weights, AVX-512 micro-kernels, the int8 scale as an epilogue) and keep oneDNN's where
+# those time faster. 350m's 169 projections in bf16 at one row, 2 threads, interleaved rounds: 18.3 ms a token
+# generated against 34.1 ms prepacked for oneDNN (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times
+# each shape once (compiling takes ~2x longer).
+CPU_COMPILE_OPTIONS = dict(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
+                           autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
 
 _COMPILED_ENGINES = itertools.count()  # numbers the compiled engines of this process (Engine._forward_last)
 
@@ -224,7 +225,7 @@ class Engine:
                 # not change afterwards, and the packed copies take memory beside its weights. Inductor reads the
                 # setting from its global config while compiling (torch 2.13: passed as options={"freezing": True}
                 # to torch.compile it is ignored and the graph keeps aten::mm), so _decode patches it around calls.
-                self._decode_forward = torch.compile(self._forward_last, dynamic=False)
+                self._decode_forward = torch.compile(self._forward_last, dynamic=False, options=CPU_COMPILE_OPTIONS)
                 # Autotuning's benchmark harness touches a deprecated storage API (torch 2.13); not the user's concern.
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
         self._ids = itertools.count()
@@ -428,7 +429,7 @@ class Engine:
         elif self.compiled:
             # Around every call, not just a bucket's first (which compiles): a recompilation is frozen too, for
             # ~17 us a call.
-            with torch._inductor.config.patch(CPU_INDUCTOR_SETTINGS):
+            with torch._inductor.config.patch(freezing=True):
                 return self._decode_forward(tokens, cache)
         return self._decode_forward(tokens, cache)
 
