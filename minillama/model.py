@@ -26,8 +26,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from minillama.config import ModelConfig, RopeScaling
-from minillama.kernels import (ATTENTION_KERNELS, cached_attention_matmul, causal_attention_blocked,
-                               use_blocked_attention, use_matmul_cached_attention)
+from minillama.kernels import (
+    ATTENTION_KERNELS,
+    cached_attention_matmul,
+    causal_attention_blocked,
+    use_blocked_attention,
+    use_matmul_cached_attention,
+)
 
 IGNORE_INDEX = -100  # F.cross_entropy's default ignore_index: targets equal to it (padding) carry no loss
 

@@ -433,6 +433,15 @@ def test_health_reports_an_engine_loop_that_stopped_making_progress(tiny_model):
         raise RuntimeError("boom")
 
     engine.step = broken_step
+    real_receive, reader_lags = scheduler.link.receive, threading.Event()
+
+    def lagging_receive(timeout_s):  # the reader lags behind the engine's end: /health must still learn why it ended
+        reader_lags.set()
+        time.sleep(0.5)
+        return real_receive(timeout_s)
+
+    scheduler.link.receive = lagging_receive
+    assert reader_lags.wait(5)
     scheduler.submit([tokenizer.encode("a", bos=True)], [SamplingParams(max_new_tokens=2)], asyncio.new_event_loop())
     assert "boom" in health_becomes(503)["reason"]
     scheduler.stop()

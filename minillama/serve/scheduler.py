@@ -42,6 +42,7 @@ from minillama.serve.metrics import ServerMetrics
 log = logging.getLogger("minillama.serve")
 
 IDLE_WAIT_S = 0.5  # the reply reader wakes this often when none comes, to stamp the heartbeat of an idle engine
+ENGINE_GONE_WAIT_S = 2.0  # how long /health waits for the reader to learn why an ended engine loop ended
 
 
 class QueueFull(MinillamaError):
@@ -207,11 +208,16 @@ class Scheduler:
 
     def health(self, stall_s: float) -> str | None:
         """Why the engine is unhealthy, in one line; None when its loop is alive and made progress within stall_s."""
+        problem = self.link.problem()
+        if problem is not None and self._thread.is_alive() and self._thread is not threading.current_thread():
+            # The engine's loop has ended; its last message (why) may still be in the pipe. The reply reader reads
+            # it at once and then stops, so wait for that to name the error rather than just "ended".
+            self._thread.join(ENGINE_GONE_WAIT_S)
         if self.error is not None:
             return f"the engine loop stopped on an error: {type(self.error).__name__}: {self.error}"
         if not self._thread.is_alive():
             return "the engine loop is not running"
-        if (problem := self.link.problem()) is not None:
+        if problem is not None:
             return problem
         quiet_s = time.monotonic() - self.heartbeat_s
         if quiet_s > stall_s:
