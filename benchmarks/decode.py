@@ -12,7 +12,8 @@ tokens greedily without stopping at EOS.
 - `minillama-fp32`, `minillama-bf16`: one sequence through `Engine` (weights and KV cache in that dtype; on CUDA
   the engine's default, the decode step compiled into CUDA graphs). `-b8` suffix: 8 prompts decoded together.
   `minillama-fp32-compiled`: the engine with compile=True (static cache, torch.compile'd decode step), to see what
-  compiling gives on this device.
+  compiling gives on this device. A compiled engine is warmed up (`Engine.warm_up()`, every batch bucket's graph)
+  before its first round, as `minillama generate --compile` and `minillama serve` do.
 - `minillama-int8`, `minillama-int4`: the same over a model quantized by `minillama.quantize.quantize(model,
   "int8" | "int4")`. Where that module does not exist yet the rows say "not available"; no numbers are invented.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
@@ -147,6 +148,8 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
     batch = settings["batch"]
     engine = Engine(model, max_batch=batch, max_len=len(prompt) + new_tokens,
                     compile=True if settings["compiled"] else None)
+    if engine.compiled:
+        engine.warm_up()  # every bucket's graph, as `minillama generate --compile` and `minillama serve` do
     params = SamplingParams(max_new_tokens=new_tokens, temperature=0, ignore_eos=True)
     prompts = [prompt[i:] + prompt[:i] for i in range(batch)]  # distinct prompts of one length
 

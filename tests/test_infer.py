@@ -597,3 +597,59 @@ def test_two_compiled_engines_over_one_model_keep_their_own_graphs():
     got = one.generate(first, params) + two.generate(second, params)
     assert [c.token_ids for c in got] == [c.token_ids for c in want]
     assert [c.token_ids for c in one.generate(second, params)] == [c.token_ids for c in want[2:]]
+
+
+@pytest.mark.slow
+def test_warmed_up_engines_keep_their_tokens_with_only_the_telling_guards_checked():
+    """After warm_up() a compiled engine's decode calls check only the guards that tell its graphs apart
+    (Engine._decode). Two warmed engines over one model, with other buckets and cache sizes, interleaved, each give
+    the eager engine's tokens as rows join and leave, also after the other added graphs to the same code's cache.
+    Slow: `pytest -m slow`."""
+    model = small_model()
+    params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
+    prompts = prompts_of([3, 9, 5, 14, 7])
+    want = [c.token_ids for c in Engine(model, max_batch=4).generate(prompts, params)]
+    one = Engine(model, max_batch=4, compile=True)
+    one.warm_up()
+    assert [c.token_ids for c in one.generate(prompts, params)] == want
+    two = Engine(model, max_batch=2, max_len=48, compile=True)  # not warmed up: every guard checked
+    assert [c.token_ids for c in two.generate(prompts[:3], params)] == want[:3]
+    assert [c.token_ids for c in one.generate(prompts[2:], params)] == want[2:]
+    two.warm_up()
+    assert [c.token_ids for c in two.generate(prompts[1:], params)] == want[1:]
+    assert [c.token_ids for c in one.generate(prompts, params)] == want
+
+
+@pytest.mark.slow
+def test_warmed_up_engine_decodes_to_the_end_of_its_context():
+    """Rows that run to max_len (the span then the whole cache) after warm_up() decode as the eager engine does.
+    Slow: `pytest -m slow`."""
+    from torch._dynamo.utils import counters
+
+    model = small_model()
+    params = SamplingParams(max_new_tokens=64, temperature=0, ignore_eos=True)
+    prompts = prompts_of([3, 9, 5])
+    want = [c.token_ids for c in Engine(model, max_batch=2, max_len=20).generate(prompts, params)]
+    engine = Engine(model, max_batch=2, max_len=20, compile=True)
+    engine.warm_up()
+    compiled = counters["stats"]["unique_graphs"]
+    got = engine.generate(prompts, params)
+    assert [c.token_ids for c in got] == want and {c.finish_reason for c in got} == {"length"}
+    assert counters["stats"]["unique_graphs"] == compiled
+
+
+@pytest.mark.slow
+def test_a_warmed_up_engine_that_meets_a_new_graph_goes_back_to_every_guard():
+    """Should a decode step need a graph after warm_up() (here: dynamo's caches were reset), dynamo refuses under
+    the skip-guards stance before running anything; the engine warns once, checks every guard from then on, and
+    decodes the eager engine's tokens. Slow: `pytest -m slow`."""
+    model = small_model()
+    params = SamplingParams(max_new_tokens=5, temperature=0, ignore_eos=True)
+    prompts = prompts_of([3, 9, 5])
+    want = [c.token_ids for c in Engine(model, max_batch=2).generate(prompts, params)]
+    engine = Engine(model, max_batch=2, compile=True)
+    engine.warm_up()
+    torch._dynamo.reset()
+    with pytest.warns(RuntimeWarning, match="checks every guard from now on"):
+        got = engine.generate(prompts, params)
+    assert [c.token_ids for c in got] == want
