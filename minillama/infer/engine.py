@@ -79,7 +79,9 @@ from minillama.model import KVCache
 # frozen weights (blocked weights, AVX-512 micro-kernels, the int8 scale as an epilogue) and keep oneDNN's where
 # those time faster. 350m's 169 projections in bf16 at one row, 2 threads, interleaved rounds: 18.3 ms a token
 # generated against 34.1 ms prepacked for oneDNN (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times
-# each shape once (compiling takes ~2x longer).
+# each shape once (compiling takes ~2x longer). Tried and left out (benchmarks/RESULTS.md): cpp_wrapper (no gain);
+# cpp.enable_concat_linear (wq/wk/wv and w1/w3 as one matmul each: 15m bf16 0.99-1.04x, 350m int8 0.94x); a
+# hand-written int8 matrix-vector kernel (benchmarks/int8_gemv_probe.py: 19.0 against inductor's 23.5 GB/s).
 CPU_COMPILE_OPTIONS = dict(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
 
@@ -431,9 +433,10 @@ class Engine:
         if self._graphs_built:
             # After warm_up() no call should need a new graph (every bucket is compiled, the span is dynamic), so
             # dynamo checks only the guards that tell this code's graphs apart (bucket size, engine number), not
-            # every one (each weight's metadata, ...): 350m int8 on 2 threads 51.5 -> 57.1 tokens/s, 15m bf16
-            # 260 -> 454 and 290 -> 353 (two runs, 2026-12-03). Should one still need a graph, dynamo refuses
-            # before running anything; the engine then goes back to checking every guard.
+            # every one (each weight's metadata, ...). The full check took ~1.3 ms of 350m's ~19 ms int8 step.
+            # Skipping it, interleaved rounds on 2 threads (2026-12-03, benchmarks/decode_ab.py): 15m bf16 1.09x
+            # (twice), 350m int8 1.02x and 1.05x. Should a step still need a graph, dynamo refuses before running
+            # anything; the engine then goes back to checking every guard.
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._decode_compiled(tokens, cache)
