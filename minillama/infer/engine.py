@@ -423,9 +423,14 @@ class Engine:
         view = self._views[bucket]
         if self._trim_span:
             view = view.prefix(min(int(view.lengths.max()) + 1, self.max_len))
-            for tensor in (*view.k, *view.v):
-                torch._dynamo.mark_dynamic(tensor, 2)
+            if not self._graphs_built:  # after warm_up() nothing compiles (~0.14 ms a step saved at 15m)
+                self._mark_span_dynamic(view)
         return view
+
+    @staticmethod
+    def _mark_span_dynamic(view: KVCache) -> None:
+        for tensor in (*view.k, *view.v):
+            torch._dynamo.mark_dynamic(tensor, 2)
 
     def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
         if not self.compiled:
@@ -434,9 +439,9 @@ class Engine:
             # After warm_up() no call should need a new graph (every bucket is compiled, the span is dynamic), so
             # dynamo checks only the guards that tell this code's graphs apart (bucket size, engine number), not
             # every one (each weight's metadata, ...). The full check took ~1.3 ms of 350m's ~19 ms int8 step.
-            # Skipping it, interleaved rounds on 2 threads (2026-12-03, benchmarks/decode_ab.py): 15m bf16 1.09x
-            # (twice), 350m int8 1.02x and 1.05x. Should a step still need a graph, dynamo refuses before running
-            # anything; the engine then goes back to checking every guard.
+            # Skipping it (and the span's dynamic marking, _decode_view), interleaved rounds on 2 threads
+            # (2026-12-03, benchmarks/decode_ab.py): 15m bf16 1.13x, 350m int8 1.02-1.05x. Should a step still need
+            # a graph, dynamo refuses before running anything; the engine then goes back to checking every guard.
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
                     return self._decode_compiled(tokens, cache)
@@ -446,6 +451,8 @@ class Engine:
                 warnings.warn("a compiled decode step needed a graph that warm_up() had not built; this engine "
                               "checks every guard from now on", RuntimeWarning, stacklevel=2)
                 self._graphs_built = False
+                if self._trim_span:
+                    self._mark_span_dynamic(cache)
         return self._decode_compiled(tokens, cache)
 
     def _decode_compiled(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
