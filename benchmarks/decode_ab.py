@@ -8,7 +8,8 @@ both sides alike).
   graphs apart (what Engine does after warm_up()) and checking every guard (before it).
 - `concat-linear`: two engines over the same weights, one compiled with inductor's
   `cpp.enable_concat_linear` (at freezing, the matmuls that share an input, wq/wk/wv and w1/w3, become one), the
-  other with the engine's options.
+  other with the engine's options. `cpp-wrapper`: the same with inductor's `cpp_wrapper` (the graph calls its
+  kernels from C++ rather than Python).
 
 A round is decode.py's: one 128-token prompt prefilled, 128 tokens decoded greedily, decode tokens/s. Prints the
 medians and the median per-round ratio (B / A); writes benchmarks/results/decode_ab-<setting>-<preset>-<date>.json.
@@ -31,6 +32,7 @@ import decode  # noqa: E402
 import minillama.infer.engine as engine_module  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
+OPTION_SETTINGS = {"concat-linear": {"cpp.enable_concat_linear": True}, "cpp-wrapper": {"cpp_wrapper": True}}
 
 
 def build(contestant: str, preset: str, prompt: list[int], new_tokens: int):
@@ -52,7 +54,7 @@ def build(contestant: str, preset: str, prompt: list[int], new_tokens: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("setting", choices=["skip-guards", "concat-linear"])
+    parser.add_argument("setting", choices=["skip-guards", *OPTION_SETTINGS])
     parser.add_argument("--preset", default="15m")
     parser.add_argument("--contestant", default="minillama-bf16-compiled")
     parser.add_argument("--rounds", type=int, default=8)
@@ -74,9 +76,8 @@ def main() -> None:
 
         sides = {"every guard": with_guards(False), "telling guards only": with_guards(True)}
     else:
-        options = dict(engine_module.CPU_COMPILE_OPTIONS)
-        concat = {"cpp.enable_concat_linear": True}
-        for label, extra in (("engine's options", {}), ("+ cpp.enable_concat_linear", concat)):
+        options, extra_options = dict(engine_module.CPU_COMPILE_OPTIONS), OPTION_SETTINGS[args.setting]
+        for label, extra in (("engine's options", {}), (f"+ {extra_options}", extra_options)):
             engine_module.CPU_COMPILE_OPTIONS = dict(options, **extra)
             sides[label] = build(args.contestant, args.preset, prompt, 128)[0]
         engine_module.CPU_COMPILE_OPTIONS = options
