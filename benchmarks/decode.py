@@ -171,6 +171,7 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
         return dict(ttft_s=first_s, decode_tokens_per_s=decoded / decode_s,
                     decode_cpu_s_per_token=(_own_cpu_s() - cpu_start) / decoded)
 
+    run.engine = engine  # for benchmarks/decode_ab.py, which changes the engine between rounds
     weight_bytes = weight_bytes_read(model, model.tok_embeddings.weight, getattr(model.output, "weight", None))
     return run, weight_bytes, engine.kv_bytes_per_token, lambda: greedy_head(engine, prompt)
 

@@ -36,20 +36,9 @@ OPTION_SETTINGS = {"concat-linear": {"cpp.enable_concat_linear": True}, "cpp-wra
 
 
 def build(contestant: str, preset: str, prompt: list[int], new_tokens: int):
-    """decode.py's minillama contestant, and the Engine it built."""
-    built = []
-    init = engine_module.Engine.__init__
-
-    def keep(self, *args, **kwargs):
-        init(self, *args, **kwargs)
-        built.append(self)
-
-    engine_module.Engine.__init__ = keep
-    try:
-        run, *_ = decode.build_minillama(decode.parse(contestant), preset, prompt, new_tokens, "cpu")
-    finally:
-        engine_module.Engine.__init__ = init
-    return run, built[-1]
+    """decode.py's minillama contestant: its round, and the Engine it built."""
+    run, *_ = decode.build_minillama(decode.parse(contestant), preset, prompt, new_tokens, "cpu")
+    return run, run.engine
 
 
 def main() -> None:
