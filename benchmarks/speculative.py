@@ -28,7 +28,9 @@ whose tokens equal plain decoding's; in fp32 all of them are).
 
 What is measured: for each prompt (opening lines of scenes in the validation tenth of the text), greedy decoding
 of --new-tokens tokens (EOS ignored), one sequence at a time, by the plain Engine, the SpeculativeEngine with the
-draft for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k). Rounds
+draft for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k); with
+--compiled-plain, also the plain Engine with its compiled decode step (speculation runs eager: SpeculativeEngine
+refuses compile=True). Rounds
 interleave the contestants in a rotating order so that other processes' noise hits all alike. Per contestant:
 decode ms per token (wall clock after the first token, median over prompts and rounds), CPU ms per generated
 token (the process's CPU time for the whole call; less disturbed by other processes on a shared machine), the
@@ -123,6 +125,9 @@ def main() -> None:
     parser.add_argument("--draft-dtype", default="fp32", choices=["auto", "fp32", "bf16"],
                         help="the draft's (default fp32: on a CPU a model this small is faster in fp32)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine (engine.py)")
+    parser.add_argument("--compiled-plain", action="store_true",
+                        help="also plain decoding with the compiled step (`minillama generate --compile`); "
+                             "speculation itself runs eager")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative.json"))
     args = parser.parse_args()
 
@@ -149,6 +154,10 @@ def main() -> None:
     params = SamplingParams(max_new_tokens=args.new_tokens, temperature=0, ignore_eos=True)
 
     contestants = {"plain": lambda: Engine(target, tokenizer, max_batch=1)}
+    if args.compiled_plain:  # one engine, compiled and warmed up once, reused for every prompt
+        compiled = Engine(target, tokenizer, max_batch=1, compile=True)
+        print(f"plain compiled: warm-up (compiling) took {compiled.warm_up():.0f} s", flush=True)
+        contestants["plain compiled"] = lambda: compiled
     for k in [int(k) for k in args.ks.split(",")]:
         contestants[f"draft k={k}"] = (lambda k=k: SpeculativeEngine(
             target, tokenizer, draft=draft, draft_tokenizer=draft_tokenizer, draft_tokens=k, max_batch=1))
