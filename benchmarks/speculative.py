@@ -30,12 +30,11 @@ What is measured: for each prompt (opening lines of scenes in the validation ten
 of --new-tokens tokens (EOS ignored), one sequence at a time, by the plain Engine, the SpeculativeEngine with the
 draft for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k); with
 --compiled-plain, also the plain Engine with its compiled decode step (speculation runs eager: SpeculativeEngine
-refuses compile=True). Rounds
-interleave the contestants in a rotating order so that other processes' noise hits all alike. Per contestant:
-decode ms per token (wall clock after the first token, median over prompts and rounds), CPU ms per generated
-token (the process's CPU time for the whole call; less disturbed by other processes on a shared machine), the
-acceptance rate and tokens per target forward, the speed-up against plain on both, and whether every prompt's
-tokens equal plain decoding's. Results: a table and JSON (default benchmarks/results/speculative.json).
+refuses compile=True). Rounds interleave the contestants in a rotating order so that other processes' noise hits
+all alike. Per contestant: decode ms per token (wall clock after the first token, median over prompts and
+rounds), CPU ms per generated token (the process's CPU time for the whole call; less disturbed by other processes
+on a shared machine), the acceptance rate and tokens per target forward, the speed-up against plain on both, and
+whether every prompt's tokens equal plain decoding's. Results: a table and JSON (default benchmarks/results/speculative.json).
 """
 
 from __future__ import annotations
