@@ -26,15 +26,16 @@ bf16, though, a (k + 1)-token forward rounds the logits differently from a 1-tok
 within bf16's rounding the greedy choice can differ from plain decoding's (`identical_text` counts the prompts
 whose tokens equal plain decoding's; in fp32 all of them are).
 
-What is measured: for each prompt (opening lines of scenes in the validation tenth of the text), greedy decoding
-of --new-tokens tokens (EOS ignored), one sequence at a time, by the plain Engine, the SpeculativeEngine with the
-draft for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k); with
---compiled-plain, also the plain Engine with its compiled decode step (speculation runs eager: SpeculativeEngine
-refuses compile=True). Rounds interleave the contestants in a rotating order so that other processes' noise hits
-all alike. Per contestant: decode ms per token (wall clock after the first token, median over prompts and
-rounds), CPU ms per generated token (the process's CPU time for the whole call; less disturbed by other processes
-on a shared machine), the acceptance rate and tokens per target forward, the speed-up against plain on both, and
-whether every prompt's tokens equal plain decoding's. Results: a table and JSON (default benchmarks/results/speculative.json).
+What is measured: for each prompt (opening lines of scenes in the validation tenth of the text), greedy decoding of
+--new-tokens tokens (EOS ignored), one sequence at a time, by the plain Engine, the SpeculativeEngine with the draft
+for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k); and the plain Engine with
+its compiled decode step (--no-compiled-plain leaves it out; speculation runs eager: SpeculativeEngine refuses
+compile=True, so speed-ups are against eager plain decoding). Rounds interleave the contestants in a rotating order
+so that other processes' noise hits all alike. Per contestant: decode ms per token (wall clock after the first
+token, median over prompts and rounds), CPU ms per generated token (the process's CPU time for the whole call; less
+disturbed by other processes on a shared machine), the acceptance rate and tokens per target forward, the speed-up
+against plain on both, and whether every prompt's tokens equal plain decoding's. Results: a table and JSON (default
+benchmarks/results/speculative.json).
 """
 
 from __future__ import annotations
@@ -124,9 +125,9 @@ def main() -> None:
     parser.add_argument("--draft-dtype", default="fp32", choices=["auto", "fp32", "bf16"],
                         help="the draft's (default fp32: on a CPU a model this small is faster in fp32)")
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine (engine.py)")
-    parser.add_argument("--compiled-plain", action="store_true",
-                        help="also plain decoding with the compiled step (`minillama generate --compile`); "
-                             "speculation itself runs eager")
+    parser.add_argument("--compiled-plain", action=argparse.BooleanOptionalAction, default=True,
+                        help="also plain decoding with the compiled step (`minillama generate --compile`; on by "
+                             "default), the fastest plain decoding; speculation itself runs eager")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative.json"))
     args = parser.parse_args()
 
