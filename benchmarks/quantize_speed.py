@@ -1,6 +1,11 @@
 """Batch-1 decode speed of bf16 vs weight-only int8 / int4 at a preset's shapes (default 350m), on this machine.
 
     python benchmarks/quantize_speed.py [--preset 350m] [--threads 2] [--methods bf16 int8 int4:32 int4:128]
+    python benchmarks/quantize_speed.py --preset 15m --base-dtype fp32 \
+        --methods fp32 int8@fp32 int8 int4:32@fp32 int4:32
+
+A method is `bf16`/`fp32` (the unquantized model, in --base-dtype), `int8` or `int4:GROUP`, optionally with
+`@fp32` or `@bf16`: the dtype of the scales, which the matmuls run in (default: minillama.quantize's choice).
 
 Decoding one sequence reads every weight once per token and does 2 FLOPs per weight read, far below what the
 cores could compute from it: its speed is memory bandwidth / bytes per token. Two measurements per method:
@@ -33,18 +38,20 @@ from minillama.quantize import quantize, weight_bytes
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def parse_method(text: str) -> tuple[str, int | None]:
+def parse_method(text: str) -> tuple[str, int | None, torch.dtype | None]:
+    """'int4:32@fp32' -> ('int4', 32, torch.float32)."""
+    text, _, scales = text.partition("@")
     method, _, group = text.partition(":")
-    return method, int(group) if group else None
+    return method, int(group) if group else None, {"": None, "fp32": torch.float32, "bf16": torch.bfloat16}[scales]
 
 
-def build_model(preset: str) -> Transformer:
+def build_model(preset: str, dtype: torch.dtype = torch.bfloat16) -> Transformer:
     cfg = ModelConfig.from_preset(preset)
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
     model.init_weights()
-    model = model.to(torch.bfloat16).eval()
+    model = model.to(dtype).eval()
     model.reset_buffers()  # RoPE frequencies in fp32, as a loaded checkpoint has them
     return model
 
@@ -68,7 +75,8 @@ def time_matmuls(model: nn.Module, passes: int) -> dict:
     """Each projection's best time over `passes` passes through all of them (the best filters out the moments
     another process holds the core; the pass order keeps every matrix out of cache until its turn)."""
     layers = projections(model)
-    inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in {m.in_features for _, m in layers}}
+    dtype = model.norm.weight.dtype  # the activations' (the model's own floating-point dtype)
+    inputs = {k: torch.randn(1, k, dtype=dtype) for k in {m.in_features for _, m in layers}}
     best = [float("inf")] * len(layers)
     for _ in range(passes + 1):  # the first pass warms up (thread pool, packing buffers)
         for i, (_, module) in enumerate(layers):
@@ -109,6 +117,7 @@ def main() -> None:
     parser.add_argument("--preset", default="350m")
     parser.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4:32", "int4:128"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--base-dtype", choices=["bf16", "fp32"], default="bf16", help="the model's own dtype")
     parser.add_argument("--passes", type=int, default=5, help="matmul passes (the best is kept)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps (the median and the best are kept)")
     parser.add_argument("--prompt", type=int, default=16)
@@ -118,11 +127,14 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     copy_bytes_per_s = measured_cpu().bandwidth_bytes_per_s / 2  # the (cached) probe counts read + write
-    base = build_model(args.preset)
+    base = build_model(args.preset, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.base_dtype])
     results = []
     for text in args.methods:
-        method, group = parse_method(text)
-        model = base if method == "bf16" else quantize(copy.deepcopy(base), method, group)
+        method, group, scale_dtype = parse_method(text)
+        if method in ("bf16", "fp32") and method != args.base_dtype:
+            raise SystemExit(f"method {method}: the unquantized model is in --base-dtype {args.base_dtype}")
+        model = base if method == args.base_dtype else quantize(copy.deepcopy(base), method, group,
+                                                                 scale_dtype=scale_dtype)
         matmuls = time_matmuls(model, args.passes)
         decode_tokens_per_s, decode_best_tokens_per_s = time_decode(model, args.prompt, args.steps)
         bytes_per_token = matmuls["bytes_per_pass"]  # the embedding row and the KV cache are small beside it
@@ -138,7 +150,7 @@ def main() -> None:
                             per_shape=matmuls["per_shape"]))
         if model is not base:
             del model
-    bf16 = next((r for r in results if r["method"] == "bf16"), None)
+    bf16 = next((r for r in results if r["method"] == args.base_dtype), None)  # the unquantized row
     for row in results:
         if bf16 is not None:
             row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"], 2)

@@ -19,6 +19,7 @@ from minillama.quantize import (
     Int4Linear,
     Int8Linear,
     QuantizationSpec,
+    default_scale_dtype,
     dequantize_int4,
     dequantize_int8,
     pack_nibbles,
@@ -160,6 +161,30 @@ def test_quantize_replaces_every_projection_and_can_keep_the_head():
     kept = quantize(small_model(), "int4", 32, quantize_output=False)
     assert type(kept.output) is nn.Linear and kept.output.weight is kept.tok_embeddings.weight
     assert isinstance(kept.layers[1].feed_forward.w2, Int4Linear)
+
+
+@pytest.mark.parametrize("method, group_size", [("int8", None), ("int4", 32)])
+def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(method, group_size, monkeypatch):
+    """PyTorch's CPU int8/int4 kernels are vectorized for bf16 activations only: fp32 ones took a scalar path,
+    2.7-4.5x slower (RESULTS.md). So an fp32 model quantized on an AVX-512 CPU gets bf16 scales, and its layers
+    still take and give fp32, computing x @ dequantized(W).T to bf16's precision."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    model = quantize(small_model(), method, group_size)
+    layer = model.layers[0].feed_forward.w1
+    scales = layer.weight_scale if method == "int8" else layer.scale_and_zero
+    assert scales.dtype == torch.bfloat16
+    x = torch.randn(3, layer.in_features)
+    got = layer(x)
+    expected = x.double() @ layer.dequantized().double().T
+    assert got.dtype == torch.float32 and float((got.double() - expected).norm() / expected.norm()) < 1e-2
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # not measured: left as it was
+    other = quantize(small_model(), method, group_size).layers[0].feed_forward.w1
+    assert (other.weight_scale if method == "int8" else other.scale_and_zero).dtype == torch.float32
+    assert default_scale_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
+    assert default_scale_dtype(torch.float32, torch.device("cuda")) == torch.float32
+    explicit = quantize(small_model(), method, group_size, scale_dtype=torch.float32).layers[0].feed_forward.w1
+    assert (explicit.weight_scale if method == "int8" else explicit.scale_and_zero).dtype == torch.float32
 
 
 @pytest.mark.parametrize("method, group_size, message", [
