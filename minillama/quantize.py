@@ -425,6 +425,18 @@ def default_scale_dtype(weight_dtype: torch.dtype, device: torch.device) -> torc
     return weight_dtype
 
 
+def set_scale_dtype(model: nn.Module) -> nn.Module:
+    """Cast a quantized model's scales (and zeros) to `default_scale_dtype` of its floating-point weights: a
+    quantized checkpoint loaded in fp32 on an AVX-512 CPU runs its quantized matmuls in bf16, as `quantize()`
+    gives them. Returns `model`."""
+    weight = next(model.parameters())
+    scale_dtype = default_scale_dtype(weight.dtype, weight.device)
+    for module in model.modules():
+        if isinstance(module, QUANTIZED_LINEARS):
+            module.to(scale_dtype)  # a cast reaches only the floating-point scales, not the integer weights
+    return model
+
+
 def quantize(model: nn.Module, method: str, group_size: int | None = None, *, quantize_output: bool = True,
              scale_dtype: torch.dtype | None = None) -> nn.Module:
     """Replace every nn.Linear of `model` (a Transformer, possibly compiled) in place; returns `model`.

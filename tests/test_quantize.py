@@ -187,6 +187,25 @@ def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(metho
     assert (explicit.weight_scale if method == "int8" else explicit.scale_and_zero).dtype == torch.float32
 
 
+@pytest.mark.parametrize("method, group_size", [("int8", None), ("int4", 32)])
+def test_a_quantized_checkpoint_loaded_in_fp32_on_an_avx512_cpu_keeps_bf16_scales(method, group_size, tmp_path,
+                                                                                   monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    source = quantize(small_model(), method, group_size)
+    save(source, None, tmp_path / "q")
+    model, _ = load(tmp_path / "q", dtype=torch.float32)
+    layer = model.layers[1].attention.wo
+    assert model.norm.weight.dtype == torch.float32
+    assert (layer.weight_scale if method == "int8" else layer.scale_and_zero).dtype == torch.bfloat16
+    x = torch.randn(2, 3, layer.in_features)
+    assert torch.equal(layer(x), source.layers[1].attention.wo(x))  # the same values, the same kernel
+
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    model, _ = load(tmp_path / "q", dtype=torch.float32)
+    layer = model.layers[1].attention.wo
+    assert (layer.weight_scale if method == "int8" else layer.scale_and_zero).dtype == torch.float32
+
+
 @pytest.mark.parametrize("method, group_size, message", [
     ("int3", None, "unknown quantization 'int3'"),
     ("int4", 48, "group size must be one of 32, 64, 128, 256"),
