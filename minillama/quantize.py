@@ -425,15 +425,22 @@ def default_scale_dtype(weight_dtype: torch.dtype, device: torch.device) -> torc
     return weight_dtype
 
 
-def set_scale_dtype(model: nn.Module) -> nn.Module:
-    """Cast a quantized model's scales (and zeros) to `default_scale_dtype` of its floating-point weights: a
-    quantized checkpoint loaded in fp32 on an AVX-512 CPU runs its quantized matmuls in bf16, as `quantize()`
-    gives them. Returns `model`."""
+def _scale_dtype_for(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
+    """(dtype of the model's floating-point weights, `default_scale_dtype` for them)."""
     weight = next(model.parameters())
-    scale_dtype = default_scale_dtype(weight.dtype, weight.device)
-    for module in model.modules():
-        if isinstance(module, QUANTIZED_LINEARS):
-            module.to(scale_dtype)  # a cast reaches only the floating-point scales, not the integer weights
+    return weight.dtype, default_scale_dtype(weight.dtype, weight.device)
+
+
+def set_scale_dtype(model: nn.Module) -> nn.Module:
+    """Where `default_scale_dtype` differs from the model's floating-point dtype (fp32 on an AVX-512 CPU), cast
+    its quantized layers' scales and zeros to it: a quantized checkpoint loaded in fp32 there runs its quantized
+    matmuls in bf16, as `quantize()` gives them. Elsewhere the scales stay as loaded (on CUDA int4 keeps the
+    bf16 its kernel needs). Returns `model`."""
+    weight_dtype, scale_dtype = _scale_dtype_for(model)
+    if scale_dtype != weight_dtype:
+        for module in model.modules():
+            if isinstance(module, QUANTIZED_LINEARS):
+                module.to(scale_dtype)  # a cast reaches only the floating-point scales, not the integer weights
     return model
 
 
@@ -453,9 +460,7 @@ def quantize(model: nn.Module, method: str, group_size: int | None = None, *, qu
     if quantization_spec(target) is not None:
         raise MinillamaError(f"the model is already quantized ({quantization_spec(target).method})")
     spec = QuantizationSpec.create(method, group_size, quantize_output)
-    if scale_dtype is None:
-        weight = next(target.parameters())
-        scale_dtype = default_scale_dtype(weight.dtype, weight.device)
+    scale_dtype = scale_dtype or _scale_dtype_for(target)[1]
     for name, linear in _targets(target, spec):
         with torch.no_grad():
             if spec.method == "int8":

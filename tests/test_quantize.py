@@ -165,9 +165,10 @@ def test_quantize_replaces_every_projection_and_can_keep_the_head():
 
 @pytest.mark.parametrize("method, group_size", [("int8", None), ("int4", 32)])
 def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(method, group_size, monkeypatch):
-    """PyTorch's CPU int8/int4 kernels are vectorized for bf16 activations only: fp32 ones took a scalar path,
-    2.7-4.5x slower (RESULTS.md). So an fp32 model quantized on an AVX-512 CPU gets bf16 scales, and its layers
-    still take and give fp32, computing x @ dequantized(W).T to bf16's precision."""
+    """PyTorch's CPU int8/int4 kernels are vectorized for bf16 activations only: fp32 ones took a scalar path
+    (15m: matmuls 4.5-9.5x, decoding 2.7x slower; RESULTS.md). So an fp32 model quantized on an AVX-512 CPU
+    gets bf16 scales, and its layers still take and give fp32, computing x @ dequantized(W).T to bf16's
+    precision."""
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     model = quantize(small_model(), method, group_size)
     layer = model.layers[0].feed_forward.w1
