@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from int8_gemv_probe import compile_pass, table, time_passes  # noqa: E402
 from quantize_speed import build_model, projections  # noqa: E402
 
-from minillama.infer.engine import CPU_COMPILE_OPTIONS  # noqa: E402
 from minillama.plan.hardware import cpu_model_name  # noqa: E402
 from minillama.quantize import Int4Linear, quantize  # noqa: E402
 
@@ -200,12 +199,6 @@ class ProjectionPass(nn.Module):
         return [layer(inputs[layer.in_features]) for layer in self.layers]
 
 
-def bytes_read(module: nn.Module) -> int:
-    """What a pass reads: the module's tensors (4-bit values with a bf16 scale and zero per group; int8: weights
-    and scales)."""
-    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="350m")
@@ -216,8 +209,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     build_kernel()
-    import torch._inductor.config as inductor_config
-
     base = build_model(args.preset)
     int4_layers = [layer for _, layer in projections(quantize(build_model(args.preset), "int4", args.group_size))]
     int8_layers = [layer for _, layer in projections(quantize(base, "int8"))]
@@ -229,37 +220,16 @@ def main() -> None:
         reference = [m(inputs[m.in_features]).float() for m in int4_layers]
     compiled = {}
     for name, module in contestants.items():
-        started = time.perf_counter()
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            compiled[name] = torch.compile(module.eval(), options=CPU_COMPILE_OPTIONS)
-            outputs = compiled[name](inputs)
-        print(f"{name}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
+        print(name, flush=True)
+        compiled[name], outputs = compile_pass(module, inputs)
         if "int8" not in name:  # the int8 layers hold other weights
             worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs, reference))
             assert worst < 1e-2, f"{name}: relative difference {worst} from Int4Linear"
             print(f"  largest difference from Int4Linear (eager): {worst:.2e} of the output's largest value")
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    with inductor_config.patch(freezing=True), torch.no_grad():
-        for _ in range(args.rounds):
-            for name, step in compiled.items():
-                for _ in range(2):
-                    step(inputs)
-                passes = []
-                for _ in range(8):
-                    started = time.perf_counter()
-                    step(inputs)
-                    passes.append(time.perf_counter() - started)
-                times[name].append(statistics.median(passes))
-    rows = []
+    times = time_passes(compiled, inputs, args.rounds)
     print(f"\n{args.preset} projections at one row, int4 group {args.group_size}, {args.threads} threads, "
           f"{cpu_model_name()}")
-    print("| kernel | ms per pass (median of rounds) | best round | GB/s read |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, module in contestants.items():
-        median, nbytes = statistics.median(times[name]), bytes_read(module)
-        rows.append(dict(kernel=name, ms_per_pass=median * 1e3, best_ms=min(times[name]) * 1e3, bytes=nbytes,
-                         gb_per_s=nbytes / median / 1e9, rounds_ms=[t * 1e3 for t in times[name]]))
-        print(f"| {name} | {median * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {nbytes / median / 1e9:.1f} |")
+    rows = table(contestants, times)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"int4_gemv_probe-{time.strftime('%Y-%m-%d')}.json")
     out.write_text(json.dumps(dict(preset=args.preset, group_size=args.group_size, threads=args.threads,
                                    cpu=cpu_model_name(), torch=torch.__version__, rows=rows), indent=2) + "\n")

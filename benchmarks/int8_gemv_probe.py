@@ -131,6 +131,50 @@ def bytes_read(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
+def compile_pass(module: nn.Module, inputs: dict[int, torch.Tensor]) -> tuple[nn.Module, list[torch.Tensor]]:
+    """`module` compiled with freezing and the engine's CPU options, and its first outputs."""
+    import torch._inductor.config as inductor_config
+
+    started = time.perf_counter()
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled = torch.compile(module.eval(), options=CPU_COMPILE_OPTIONS)
+        outputs = compiled(inputs)
+    print(f"  compiled in {time.perf_counter() - started:.0f} s", flush=True)
+    return compiled, outputs
+
+
+def time_passes(compiled: dict[str, nn.Module], inputs: dict[int, torch.Tensor], rounds: int) -> dict[str, list]:
+    """Per contestant, each round's median seconds of 8 passes (after 2 unmeasured), rounds interleaved."""
+    import torch._inductor.config as inductor_config
+
+    times: dict[str, list[float]] = {name: [] for name in compiled}
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        for _ in range(rounds):
+            for name, step in compiled.items():
+                for _ in range(2):
+                    step(inputs)
+                passes = []
+                for _ in range(8):
+                    started = time.perf_counter()
+                    step(inputs)
+                    passes.append(time.perf_counter() - started)
+                times[name].append(statistics.median(passes))
+    return times
+
+
+def table(contestants: dict[str, nn.Module], times: dict[str, list]) -> list[dict]:
+    """Print the markdown table of a probe's passes; returns its rows for the JSON."""
+    rows = []
+    print("| kernel | ms per pass (median of rounds) | best round | GB/s of weights read |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, module in contestants.items():
+        median, nbytes = statistics.median(times[name]), bytes_read(module)
+        rows.append(dict(kernel=name, ms_per_pass=median * 1e3, best_ms=min(times[name]) * 1e3, bytes=nbytes,
+                         gb_per_s=nbytes / median / 1e9, rounds_ms=[t * 1e3 for t in times[name]]))
+        print(f"| {name} | {median * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {nbytes / median / 1e9:.1f} |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="350m")
@@ -140,8 +184,6 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     build_kernel()
-    import torch._inductor.config as inductor_config
-
     model = quantize(build_model(args.preset), "int8")
     int8_layers = [layer for _, layer in projections(model)]
     contestants = {"inductor (engine's CPU_COMPILE_OPTIONS)": ProjectionPass(int8_layers),
@@ -152,34 +194,13 @@ def main() -> None:
         reference = [m(inputs[ProjectionPass._width(m)]).float() for m in int8_layers]
     compiled = {}
     for name, module in contestants.items():
-        started = time.perf_counter()
-        with inductor_config.patch(freezing=True), torch.no_grad():
-            compiled[name] = torch.compile(module.eval(), options=CPU_COMPILE_OPTIONS)
-            outputs = compiled[name](inputs)
-        print(f"{name}: compiled in {time.perf_counter() - started:.0f} s", flush=True)
+        print(name, flush=True)
+        compiled[name], outputs = compile_pass(module, inputs)
         worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs, reference))
         assert worst < 1e-2, f"{name}: relative difference {worst} from Int8Linear"
-    times: dict[str, list[float]] = {name: [] for name in compiled}
-    with inductor_config.patch(freezing=True), torch.no_grad():
-        for _ in range(args.rounds):
-            for name, step in compiled.items():
-                for _ in range(2):
-                    step(inputs)
-                passes = []
-                for _ in range(8):
-                    started = time.perf_counter()
-                    step(inputs)
-                    passes.append(time.perf_counter() - started)
-                times[name].append(statistics.median(passes))
-    rows = []
+    times = time_passes(compiled, inputs, args.rounds)
     print(f"\n{args.preset} int8 projections at one row, {args.threads} threads, {cpu_model_name()}")
-    print("| kernel | ms per pass (median of rounds) | best round | GB/s of weights read |")
-    print("| --- | ---: | ---: | ---: |")
-    for name, module in contestants.items():
-        median, nbytes = statistics.median(times[name]), bytes_read(module)
-        rows.append(dict(kernel=name, ms_per_pass=median * 1e3, best_ms=min(times[name]) * 1e3, bytes=nbytes,
-                         gb_per_s=nbytes / median / 1e9, rounds_ms=[t * 1e3 for t in times[name]]))
-        print(f"| {name} | {median * 1e3:.1f} | {min(times[name]) * 1e3:.1f} | {nbytes / median / 1e9:.1f} |")
+    rows = table(contestants, times)
     out = Path(args.out or ROOT / "benchmarks" / "results" / f"int8_gemv_probe-{time.strftime('%Y-%m-%d')}.json")
     out.write_text(json.dumps(dict(preset=args.preset, threads=args.threads, cpu=cpu_model_name(),
                                    torch=torch.__version__, rows=rows), indent=2) + "\n")

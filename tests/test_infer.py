@@ -653,3 +653,20 @@ def test_a_warmed_up_engine_that_meets_a_new_graph_goes_back_to_every_guard():
     with pytest.warns(RuntimeWarning, match="checks every guard from now on"):
         got = engine.generate(prompts, params)
     assert [c.token_ids for c in got] == want
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_compiled_quantized_decode_equals_eager(method):
+    """A quantized model's compiled CPU decode step (inductor's own int8 kernel, torch's int4 one as an external
+    call) gives the eager quantized engine's tokens. Slow (compilation): `pytest -m slow`."""
+    from minillama.quantize import quantize
+
+    model = quantize(small_model(vocab_size=320), method)
+    prompts = prompts_of([5, 23, 2])
+    params = SamplingParams(max_new_tokens=10, temperature=0, ignore_eos=True)
+    eager = Engine(model, max_batch=4).generate(prompts, params)
+    engine = Engine(model, max_batch=4, compile=True)
+    engine.warm_up()
+    for got, expected in zip(engine.generate(prompts, params), eager):
+        assert got.token_ids == expected.token_ids
