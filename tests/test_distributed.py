@@ -270,7 +270,9 @@ def test_sigterm_to_torchrun_stops_every_rank_at_one_step_with_a_checkpoint(setu
     assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=300)  # torchrun itself reports the signal (exit code 1); its ranks exit cleanly
-    (saved,) = out.glob("step-*")
+    saved_dirs = list(out.glob("step-*"))
+    assert len(saved_dirs) == 1, (saved_dirs, proc.stderr.read().decode()[-3000:])
+    (saved,) = saved_dirs
     assert int(saved.name.split("-")[1]) == max(read_losses(out))
     assert sorted(p.name for p in (saved / "rng").iterdir()) == ["rank-00000.pt", "rank-00001.pt"]
     assert len(list((saved / "sharded").iterdir())) == 2

@@ -491,3 +491,21 @@ def test_resume_from_a_checkpoint_without_its_training_tensors(tmp_path, corpus,
     shutil.rmtree(out / "step-0000003" / "sharded")
     err = _error(capsys, base)
     assert "has no sharded/ directory" in err and "minillama.load" in err, err
+
+
+def test_a_repeated_sigterm_keeps_the_graceful_stop_but_a_second_ctrl_c_stops_at_once():
+    """Launchers may send SIGTERM more than once (SLURM signals every process of a job step, torchrun forwards
+    its own): the save must go on. A second Ctrl-C is a person insisting: it stops at once."""
+    from minillama.train.trainer import GracefulStop
+
+    stop = GracefulStop()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.requested
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
+    first_ctrl_c = GracefulStop()
+    first_ctrl_c._handle(signal.SIGINT, None)
+    assert first_ctrl_c.requested
+    with pytest.raises(KeyboardInterrupt):
+        first_ctrl_c._handle(signal.SIGINT, None)

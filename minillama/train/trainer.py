@@ -130,7 +130,9 @@ class TimeBudget:
 
 
 class GracefulStop:
-    """Ctrl-C or SIGTERM asks the loop to save a checkpoint and exit after the current step."""
+    """Ctrl-C or SIGTERM asks the loop to save a checkpoint and exit after the current step. A second Ctrl-C
+    stops at once; a repeated SIGTERM does not, since launchers and schedulers may send it more than once
+    (SLURM signals every process of a job step, torchrun forwards its own to the ranks): the save goes on."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -142,7 +144,7 @@ class GracefulStop:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.requested:  # a second Ctrl-C stops at once
+        if self.requested and signum == signal.SIGINT:  # a second Ctrl-C stops at once
             raise KeyboardInterrupt
         self.requested = True
 
