@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from minillama import ModelConfig, Transformer
+from minillama.infer.generate import DTYPES
 from minillama.model import KVCache
 from minillama.plan.hardware import cpu_model_name, measured_cpu
 from minillama.quantize import quantize, weight_bytes
@@ -42,7 +43,7 @@ def parse_method(text: str) -> tuple[str, int | None, torch.dtype | None]:
     """'int4:32@fp32' -> ('int4', 32, torch.float32)."""
     text, _, scales = text.partition("@")
     method, _, group = text.partition(":")
-    return method, int(group) if group else None, {"": None, "fp32": torch.float32, "bf16": torch.bfloat16}[scales]
+    return method, int(group) if group else None, DTYPES[scales] if scales else None
 
 
 def build_model(preset: str, dtype: torch.dtype = torch.bfloat16) -> Transformer:
@@ -117,7 +118,7 @@ def main() -> None:
     parser.add_argument("--preset", default="350m")
     parser.add_argument("--methods", nargs="+", default=["bf16", "int8", "int4:32", "int4:128"])
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--base-dtype", choices=["bf16", "fp32"], default="bf16", help="the model's own dtype")
+    parser.add_argument("--base-dtype", choices=sorted(DTYPES), default="bf16", help="the model's own dtype")
     parser.add_argument("--passes", type=int, default=5, help="matmul passes (the best is kept)")
     parser.add_argument("--steps", type=int, default=32, help="decode steps (the median and the best are kept)")
     parser.add_argument("--prompt", type=int, default=16)
@@ -127,11 +128,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     copy_bytes_per_s = measured_cpu().bandwidth_bytes_per_s / 2  # the (cached) probe counts read + write
-    base = build_model(args.preset, {"bf16": torch.bfloat16, "fp32": torch.float32}[args.base_dtype])
+    base = build_model(args.preset, DTYPES[args.base_dtype])
     results = []
     for text in args.methods:
         method, group, scale_dtype = parse_method(text)
-        if method in ("bf16", "fp32") and method != args.base_dtype:
+        if method in DTYPES and method != args.base_dtype:
             raise SystemExit(f"method {method}: the unquantized model is in --base-dtype {args.base_dtype}")
         model = base if method == args.base_dtype else quantize(copy.deepcopy(base), method, group,
                                                                  scale_dtype=scale_dtype)
@@ -150,11 +151,11 @@ def main() -> None:
                             per_shape=matmuls["per_shape"]))
         if model is not base:
             del model
-    bf16 = next((r for r in results if r["method"] == args.base_dtype), None)  # the unquantized row
-    for row in results:
-        if bf16 is not None:
-            row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / bf16["decode_tokens_per_s"], 2)
-            row["matmul_speedup_vs_bf16"] = round(row["matmul_tokens_per_s"] / bf16["matmul_tokens_per_s"], 2)
+    unquantized = next((r for r in results if r["method"] == args.base_dtype), None)
+    for row in results:  # the keys say bf16, the default base; with --base-dtype fp32 they are against fp32
+        if unquantized is not None:
+            row["decode_speedup_vs_bf16"] = round(row["decode_tokens_per_s"] / unquantized["decode_tokens_per_s"], 2)
+            row["matmul_speedup_vs_bf16"] = round(row["matmul_tokens_per_s"] / unquantized["matmul_tokens_per_s"], 2)
 
     print(f"{args.preset}, {torch.get_num_threads()} threads, {cpu_model_name()}, copy bandwidth "
           f"{copy_bytes_per_s / 1e9:.1f} GB/s")

@@ -79,9 +79,10 @@ from minillama.model import KVCache
 # frozen weights (blocked weights, AVX-512 micro-kernels, the int8 scale as an epilogue) and keep oneDNN's where
 # those time faster. 350m's 169 projections in bf16 at one row, 2 threads, interleaved rounds: 18.3 ms a token
 # generated against 34.1 ms prepacked for oneDNN (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times
-# each shape once (compiling takes ~2x longer). Tried and left out (benchmarks/RESULTS.md): cpp_wrapper (15m 0.99x);
-# cpp.enable_concat_linear (wq/wk/wv and w1/w3 as one matmul each: 15m bf16 0.99-1.04x, 350m int8 0.94x); a
-# hand-written int8 matrix-vector kernel (benchmarks/int8_gemv_probe.py: 19.0 against inductor's 23.5 GB/s).
+# each shape once (compiling takes ~2x longer). Tried and left out (benchmarks/RESULTS.md): cpp_wrapper (15m
+# 0.99x, 350m int8 0.93x); cpp.enable_concat_linear (wq/wk/wv and w1/w3 as one matmul each: 15m bf16 0.99-1.04x,
+# 350m int8 0.94x); a hand-written int8 matrix-vector kernel (benchmarks/int8_gemv_probe.py: 19.0 against
+# inductor's 23.5 GB/s).
 CPU_COMPILE_OPTIONS = dict(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
 
