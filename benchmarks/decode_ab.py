@@ -59,7 +59,7 @@ def main() -> None:
 
         def with_guards(skip: bool):
             def round_() -> dict:
-                engine._graphs_built = skip
+                engine.steps.graphs_built = skip
                 return run()
             return round_
 

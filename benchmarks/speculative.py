@@ -28,14 +28,15 @@ whose tokens equal plain decoding's; in fp32 all of them are).
 
 What is measured: for each prompt (opening lines of scenes in the validation tenth of the text), greedy decoding of
 --new-tokens tokens (EOS ignored), one sequence at a time, by the plain Engine, the SpeculativeEngine with the draft
-for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k); and the plain Engine with
-its compiled decode step (--no-compiled-plain leaves it out; speculation runs eager: SpeculativeEngine refuses
-compile=True, so speed-ups are against eager plain decoding). Rounds interleave the contestants in a rotating order
-so that other processes' noise hits all alike. Per contestant: decode ms per token (wall clock after the first
-token, median over prompts and rounds), CPU ms per generated token (the process's CPU time for the whole call; less
-disturbed by other processes on a shared machine), the acceptance rate and tokens per target forward, the speed-up
-against plain on both, and whether every prompt's tokens equal plain decoding's. Results: a table and JSON (default
-benchmarks/results/speculative.json).
+for each k in --ks, and with prompt lookup (n-grams up to --lookup-ngram, k = --lookup-k), all eager; and compiled
+(`compile=True`, warmed up before the rounds): the plain Engine (--no-compiled-plain leaves it out) and the
+SpeculativeEngine with the draft for each k in --compiled-ks and with prompt lookup (--compiled-ks "" leaves them
+out). Rounds interleave the contestants in a rotating order so that other processes' noise hits all alike. Per
+contestant: decode ms per token (wall clock after the first token, median over prompts and rounds), CPU ms per
+generated token (the process's CPU time for the whole call; less disturbed by other processes on a shared
+machine), the acceptance rate and tokens per target forward, the speed-up against eager plain decoding on both and
+against compiled plain decoding (wall clock), and whether every prompt's tokens equal plain decoding's. Results: a
+table and JSON (default benchmarks/results/speculative.json).
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="1 is fastest on a busy machine (engine.py)")
     parser.add_argument("--compiled-plain", action=argparse.BooleanOptionalAction, default=True,
                         help="also plain decoding with the compiled step (`minillama generate --compile`; on by "
-                             "default), the fastest plain decoding; speculation itself runs eager")
+                             "default), the fastest plain decoding")
+    parser.add_argument("--compiled-ks", default="2,3,4",
+                        help="draft tokens per step to try compiled, and prompt lookup compiled at --lookup-k "
+                             "(\"\": none)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "speculative.json"))
     args = parser.parse_args()
 
@@ -164,6 +168,19 @@ def main() -> None:
     contestants[f"lookup n<={args.lookup_ngram} k={args.lookup_k}"] = lambda: SpeculativeEngine(
         target, tokenizer, prompt_lookup=args.lookup_ngram, draft_tokens=args.lookup_k, max_batch=1)
 
+    def compiled_engine(**options):  # compiled and warmed up once, reused for every prompt
+        engine = SpeculativeEngine(target, tokenizer, max_batch=1, compile=True, **options)
+        print(f"compiled speculation {options.get('draft_tokens')}: warm-up took {engine.warm_up():.0f} s",
+              flush=True)
+        return lambda: engine
+
+    compiled_ks = [int(k) for k in args.compiled_ks.split(",") if k.strip()]
+    for k in compiled_ks:
+        contestants[f"draft k={k} compiled"] = compiled_engine(draft=draft, draft_tokenizer=draft_tokenizer,
+                                                               draft_tokens=k)
+    if compiled_ks:
+        contestants[f"lookup n<={args.lookup_ngram} k={args.lookup_k} compiled"] = compiled_engine(
+            prompt_lookup=args.lookup_ngram, draft_tokens=args.lookup_k)
     names = list(contestants)
     run_contestant(contestants["plain"], prompts[:1], SamplingParams(max_new_tokens=8, temperature=0))  # warm-up
     results: dict[str, list[dict]] = {name: [] for name in names}
@@ -175,6 +192,8 @@ def main() -> None:
     plain_ids = [row["token_ids"] for row in results["plain"][:len(prompts)]]
     plain_decode = statistics.median(row["decode_ms_per_token"] for row in results["plain"])
     plain_cpu = statistics.median(row["cpu_ms_per_token"] for row in results["plain"])
+    compiled_decode = (statistics.median(row["decode_ms_per_token"] for row in results["plain compiled"])
+                       if "plain compiled" in results else None)
     table = []
     for name in names:
         rows = results[name]
@@ -184,19 +203,20 @@ def main() -> None:
         same = sum(row["token_ids"] == plain_ids[i % len(prompts)] for i, row in enumerate(rows))
         table.append(dict(contestant=name, decode_ms_per_token=round(decode, 2), cpu_ms_per_token=round(cpu, 2),
                           speedup_wall=round(plain_decode / decode, 2), speedup_cpu=round(plain_cpu / cpu, 2),
+                          speedup_vs_compiled_plain=round(compiled_decode / decode, 2) if compiled_decode else None,
                           acceptance_rate=round(accepted / drafted, 3) if drafted else None,
                           tokens_per_target_forward=round((accepted + steps) / steps, 2) if steps else None,
                           identical_text=f"{same}/{len(rows)}"))
 
     columns = ["contestant", "decode_ms_per_token", "cpu_ms_per_token", "speedup_wall", "speedup_cpu",
-               "acceptance_rate", "tokens_per_target_forward", "identical_text"]
+               "speedup_vs_compiled_plain", "acceptance_rate", "tokens_per_target_forward", "identical_text"]
     print(f"\ntarget {target_path} ({target.num_params() / 1e6:.1f}M), draft {draft_path} "
           f"({draft.num_params() / 1e6:.1f}M), {dtype} (draft {draft_dtype}), {args.threads} thread(s), "
           f"{len(prompts)} prompts x "
           f"{args.new_tokens} tokens x {args.rounds} rounds, greedy")
-    print("".join(f"{c:>27}" if i else f"{c:<22}" for i, c in enumerate(columns)))
+    print("".join(f"{c:>27}" if i else f"{c:<28}" for i, c in enumerate(columns)))
     for row in table:
-        print("".join(f"{row[c]!s:>27}" if i else f"{row[c]!s:<22}" for i, c in enumerate(columns)))
+        print("".join(f"{row[c]!s:>27}" if i else f"{row[c]!s:<28}" for i, c in enumerate(columns)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, dict(
         rows=table, target=str(target_path), draft=str(draft_path), target_params=target.num_params(),

@@ -602,7 +602,7 @@ def test_two_compiled_engines_over_one_model_keep_their_own_graphs():
 @pytest.mark.slow
 def test_warmed_up_engines_keep_their_tokens_with_only_the_telling_guards_checked():
     """After warm_up() a compiled engine's decode calls check only the guards that tell its graphs apart
-    (Engine._decode). Two warmed engines over one model, with other buckets and cache sizes, interleaved, each give
+    (CacheForward._run). Two warmed engines over one model, with other buckets and cache sizes, interleaved, each give
     the eager engine's tokens as rows join and leave, also after the other added graphs to the same code's cache.
     Slow: `pytest -m slow`."""
     model = small_model()

@@ -65,11 +65,11 @@ def drafter_options(kind: str, target) -> dict:
 # --------------------------------------------------------------------------------------------------------------
 # Greedy: the model's own tokens
 # --------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind", DRAFTERS)
-def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind):
+def joins_leaves_and_cancel(engine_for) -> tuple:
     """Five prompts through four rows (two start, three join later, one while another prefills in chunks; rows
-    leave at different lengths and move; one is cancelled), greedy with penalties and logprobs mixed in: every
-    finished sequence has the tokens, text and log-probabilities of the plain engine run alone."""
+    leave at different lengths and move; one is cancelled), greedy with penalties and logprobs mixed in, through the
+    engine engine_for(target) builds; asserts every finished sequence has the tokens, text and log-probabilities of
+    the plain engine run alone. Returns the engine, the completions by id and the ids."""
     target = small_model()
     repetitive = [1] + [5, 6, 7, 8] * 5  # prompt lookup finds matches here
     prompts = prompts_of([5, 23, 2, 11]) + [repetitive]
@@ -82,7 +82,7 @@ def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind
         SamplingParams(max_new_tokens=17, temperature=0, ignore_eos=True),
     ]
     expected = [alone(target, p, q) for p, q in zip(prompts, params)]
-    engine = SpeculativeEngine(target, max_batch=4, prefill_chunk=8, draft_tokens=3, **drafter_options(kind, target))
+    engine = engine_for(target)
     ids = [engine.add(prompts[0], params[0]), engine.add(prompts[1], params[1])]
     done, cancelled = {}, None
     for step in range(200):
@@ -104,6 +104,16 @@ def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind
             assert_same(done[seq_id], expected[i])
     stats = engine.stats()
     assert (stats.running, stats.free_rows, stats.kv_tokens_in_use, stats.kv_tokens_reserved) == (0, 4, 0, 0)
+    return engine, done, ids
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
+@pytest.mark.parametrize("kind", DRAFTERS)
+def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind, static):
+    """joins_leaves_and_cancel for each drafter; with the static cache (what compile=True uses) the batch is padded
+    to a bucket of rows, the padding rows decoding beside the running ones (CacheForward)."""
+    engine, done, ids = joins_leaves_and_cancel(lambda target: SpeculativeEngine(
+        target, max_batch=4, prefill_chunk=8, draft_tokens=3, static_cache=static, **drafter_options(kind, target)))
     rate = engine.speculation.acceptance_rate
     if kind == "itself":
         assert rate == 1.0 and engine.speculation.tokens_per_step > 2.5
@@ -111,6 +121,28 @@ def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind
         assert 0.3 < rate < 1.0  # both paths taken: kept drafts and rejected ones
     elif kind == "prompt-lookup":
         assert done[ids[4]].speculation.accepted_tokens > 0  # the repetitive prompt's drafts were used
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["perturbed-copy", "prompt-lookup"])
+def test_compiled_speculation_equals_the_model_alone_and_compiles_nothing_after_warm_up(kind):
+    """compile=True: the verification forward (k + 1 tokens a row, every bucket) and the draft's forwards are
+    compiled by warm_up(); rows joining, leaving and being cancelled then compile nothing more, and every
+    sequence has the plain engine's tokens. Slow (compilation): `pytest -m slow`."""
+    from torch._dynamo.utils import counters
+
+    graphs = []
+
+    def compiled_engine(target):
+        engine = SpeculativeEngine(target, max_batch=4, prefill_chunk=8, draft_tokens=3, compile=True,
+                                   **drafter_options(kind, target))
+        assert engine.warm_up() > 0
+        graphs.append(counters["stats"]["unique_graphs"])
+        return engine
+
+    engine, _, _ = joins_leaves_and_cancel(compiled_engine)
+    assert counters["stats"]["unique_graphs"] == graphs[0]
+    assert engine.speculation.accepted_tokens > 0
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 2, 5])
@@ -349,8 +381,7 @@ def test_a_draft_that_does_not_fit_is_refused(bpe):
     assert SpeculativeEngine(target, draft=short, max_batch=1, max_len=32).max_len == 32  # covered: fine
     for options, message in [(dict(), "exactly one drafter"), (dict(draft=short, prompt_lookup=2), "exactly one"),
                              (dict(prompt_lookup=0), "must be an integer >= 1"),
-                             (dict(prompt_lookup=2, draft_tokens=0), "--draft-tokens"),
-                             (dict(prompt_lookup=2, compile=True), "does not compile")]:
+                             (dict(prompt_lookup=2, draft_tokens=0), "--draft-tokens")]:
         with pytest.raises(MinillamaError, match=re.escape(message)):
             SpeculativeEngine(target, max_batch=1, **options)
 

@@ -40,12 +40,13 @@ side with Hugging Face on a quiet machine):
 - Threads: with other processes on the cores, two threads made a 15m decode step 10x slower than one (121 vs
   12 ms): every parallel region waits for the thread the scheduler took away. The engine leaves the setting to
   the caller (`minillama generate --threads 1`; torch.set_num_threads).
-- `compile=True`: the decode forward compiled with torch.compile over a static cache (fixed shapes, no host
-  sync), batch sizes padded to buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their
-  lengths are put back). On CUDA it is the default, with mode="reduce-overhead": each bucket's step replays as
-  a CUDA graph. On CPU it compiles with inductor's freezing and autotuned GEMMs (`CPU_COMPILE_OPTIONS`:
-  inductor's own AVX-512 kernels over blocked weights where they time faster than oneDNN's) and, for one row,
-  attention as fused reductions (kernels.py). The 15m preset in bf16 went from ~15 ms a token eager to ~7 ms
+- `compile=True`: the decode forward compiled with torch.compile over a static cache (`CacheForward`, which
+  speculative decoding's verification and draft use too: fixed shapes, no host sync), batch sizes padded to
+  buckets 1, 2, 4, ... max_batch (padding rows decode into free rows and their lengths are put back). On CUDA
+  it is the default, with mode="reduce-overhead": each bucket's step replays as a CUDA graph. On CPU it compiles
+  with inductor's freezing and autotuned GEMMs (`CPU_COMPILE_OPTIONS`: inductor's own AVX-512 kernels over
+  blocked weights where they time faster than oneDNN's) and, for one row, attention as fused reductions
+  (kernels.py). The 15m preset in bf16 went from ~15 ms a token eager to ~7 ms
   frozen for oneDNN (2026-12-02) and ~2.5 ms now (2026-12-03, 2 threads); 350m from ~50 ms frozen to ~28 ms.
   Compiling takes 1-3 minutes (autotuning times every matrix shape once; inductor caches the results on disk),
   so it is off there by default (`minillama generate --compile`; worth it for a long-running server).
@@ -75,7 +76,7 @@ from minillama.infer.streaming import TextStream
 from minillama.model import KVCache
 
 # Inductor's options for a compiled CPU decode step, beside freezing (which makes the weights constants of the
-# graph; see _decode). max_autotune with the CPP backend lets inductor generate its own matrix kernels for the
+# graph; see CacheForward). max_autotune with the CPP backend lets inductor generate its own matrix kernels for the
 # frozen weights (blocked weights, AVX-512 micro-kernels, the int8 scale as an epilogue) and keep oneDNN's where
 # those time faster. 350m's 169 projections in bf16 at one row, 2 threads, interleaved rounds: 18.3 ms a token
 # generated against 34.1 ms prepacked for oneDNN (freezing alone) and 67.1 ms eager (2026-12-03). Autotuning times
@@ -86,7 +87,8 @@ from minillama.model import KVCache
 CPU_COMPILE_OPTIONS = dict(max_autotune=True, max_autotune_gemm_backends="CPP,ATEN",
                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
 
-_COMPILED_ENGINES = itertools.count()  # numbers the compiled engines of this process (Engine._forward_last)
+_COMPILED_FORWARDS = itertools.count()  # numbers the compiled CacheForwards of this process (their graphs' guards)
+MAX_SIGNATURES = 4  # call signatures (T, positions, logits) a CacheForward compiles per bucket at most
 
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens, or the context is full
@@ -194,8 +196,6 @@ class Engine:
         self.max_batch, self.max_len, self.prefill_chunk = max_batch, max_len, prefill_chunk
         self.compiled = self.device.type == "cuda" if compile is None else compile
         static = self.compiled if static_cache is None else static_cache
-        if self.compiled and not static:
-            raise MinillamaError("compile=True needs the static cache (a growing span would recompile every step)")
         # Ordinary tensors (not made under inference_mode), so that cancel() and callers outside a step may
         # write to them; step() runs under inference_mode.
         self.cache = KVCache.empty(cfg, max_batch, max_len, dtype=cache_dtype or model.tok_embeddings.weight.dtype,
@@ -204,35 +204,7 @@ class Engine:
         self.max_cached_tokens = max_cached_tokens if max_cached_tokens is not None else max_batch * max_len
         eos = getattr(tokenizer, "eos_id", None)
         self.eos_id = eos if eos is not None else cfg.eos_id
-        # Batch sizes a static cache decodes at (each a compiled graph); views made once, so a compiled step sees
-        # the same tensors every time.
-        self._buckets = _powers_of_two_up_to(max_batch) if static else list(range(1, max_batch + 1))
-        self._views = {b: self.cache.rows(0, b) for b in self._buckets}
-        self._decode_forward = self._forward_last
-        # On CPU a compiled step attends over the span the rows use (a view of the cache's first positions, its
-        # length a dynamic dimension of one graph per bucket), not the whole static max_len: 15m, 32 rows of
-        # ~300 positions in 512, 2 threads: 16.6 ms a step over max_len.
-        self._trim_span = self.compiled and self.device.type != "cuda"
-        # True once warm_up() has compiled every graph this engine's decode steps use (see _decode).
-        self._graphs_built = False
-        if self.compiled:
-            for view in self._views.values():
-                for tensor in (*view.k, *view.v, view.lengths):
-                    torch._dynamo.mark_static_address(tensor)  # the cache is state, not an input to copy
-            # One graph per bucket and engine: allow that many more (dynamo's default limit of 8 would fall back to
-            # eager). The engine's number is part of each graph's guards (see _forward_last).
-            torch._dynamo.config.recompile_limit += len(self._buckets) + 1
-            self._graph_key = next(_COMPILED_ENGINES)
-            if self.device.type == "cuda":
-                self._decode_forward = torch.compile(self._forward_last, mode="reduce-overhead", dynamic=False)
-            else:
-                # Freezing: the weights become constants of the graph, prepacked for oneDNN's matmuls. The model must
-                # not change afterwards, and the packed copies take memory beside its weights. Inductor reads the
-                # setting from its global config while compiling (torch 2.13: passed as options={"freezing": True}
-                # to torch.compile it is ignored and the graph keeps aten::mm), so _decode patches it around calls.
-                self._decode_forward = torch.compile(self._forward_last, dynamic=False, options=CPU_COMPILE_OPTIONS)
-                # Autotuning's benchmark harness touches a deprecated storage API (torch 2.13); not the user's concern.
-                warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+        self.steps = CacheForward(model, self.cache, self.compiled)  # every decode forward goes through it
         self._ids = itertools.count()
         self._waiting: deque[SequenceState] = deque()
         self._prefilling: SequenceState | None = None
@@ -337,19 +309,10 @@ class Engine:
     def decode_rows(self, seqs: list[SequenceState]) -> torch.Tensor:
         """Feed each running sequence its last sampled token (rows [0, len(seqs)), which must be the running
         ones in row order); returns next-token logits (len(seqs), V). A caller feeding several tokens per row
-        (verification of drafts) calls the model on `self.cache.rows(0, n)` itself and rolls `cache.lengths` and
-        each sequence's `cached` back for the rejected ones."""
-        n = len(seqs)
+        (verification of drafts) calls `self.steps` itself and rolls `cache.lengths` and each sequence's `cached`
+        back for the rejected ones."""
         tokens = torch.tensor([s.output_ids[-1] for s in seqs], device=self.device)[:, None]  # (n, 1)
-        bucket = next(b for b in self._buckets if b >= n)
-        view = self._decode_view(bucket)
-        if bucket == n:
-            logits = self._decode(tokens, view)
-        else:  # padding rows decode into rows beyond the running ones; their lengths are put back after
-            saved = self.cache.lengths[n:bucket].clone()
-            padded = torch.cat([tokens, tokens.new_zeros(bucket - n, 1)])
-            logits = self._decode(padded, view)[:n]
-            self.cache.lengths[n:bucket] = saved
+        logits = self.steps(tokens)[:, -1]  # (n, V)
         for s in seqs:
             s.cached += 1
         return logits
@@ -363,12 +326,7 @@ class Engine:
         if self.has_work():
             raise MinillamaError("warm_up() needs an idle engine (no sequences added yet)")
         started = time.perf_counter()
-        with torch.inference_mode():
-            for bucket in self._buckets:
-                self.cache.lengths[:bucket] = 1  # a span of 2: a dynamic dimension of size 1 would be specialised
-                self._decode(torch.zeros(bucket, 1, dtype=torch.long, device=self.device), self._decode_view(bucket))
-            self.cache.reset()
-        self._graphs_built = True
+        self._build_graphs()
         return time.perf_counter() - started
 
     def accept(self, seq: SequenceState, token_ids: list[int], logprobs: list[TokenLogprob | None]) -> StepOutput:
@@ -410,61 +368,9 @@ class Engine:
     # ----------------------------------------------------------------------------------------------------------
     # Internals
     # ----------------------------------------------------------------------------------------------------------
-    def _forward_last(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.compiled and self._graph_key < 0:
-            # Never true; the comparison makes this engine's number a guard of its graphs. They hold its cache as
-            # constants (static addresses, frozen), so another engine over the same model in this process must not
-            # take them (it crashed with an index out of bounds, or decoded into the first engine's cache).
-            raise AssertionError("unreachable")
-        return self.model(tokens, cache=cache)[:, -1]  # (B, V)
-
-    def _decode_view(self, bucket: int) -> KVCache:
-        """The cache rows a decode step of `bucket` rows runs on: [0, bucket), each written at its length. On CPU
-        with compile, only the positions up to the longest row, their count a dynamic dimension of the graph."""
-        view = self._views[bucket]
-        if self._trim_span:
-            view = view.prefix(min(int(view.lengths.max()) + 1, self.max_len))
-            if not self._graphs_built:  # after warm_up() nothing compiles (~0.14 ms a step saved at 15m)
-                self._mark_span_dynamic(view)
-        return view
-
-    @staticmethod
-    def _mark_span_dynamic(view: KVCache) -> None:
-        for tensor in (*view.k, *view.v):
-            torch._dynamo.mark_dynamic(tensor, 2)
-
-    def _decode(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if not self.compiled:
-            return self._decode_forward(tokens, cache)
-        if self._graphs_built:
-            # After warm_up() no call should need a new graph (every bucket is compiled, the span is dynamic), so
-            # dynamo checks only the guards that tell this code's graphs apart (bucket size, engine number), not
-            # every one (each weight's metadata, ...). The full check took ~1.3 ms of 350m's ~19 ms int8 step.
-            # Skipping it (and the span's dynamic marking, _decode_view), interleaved rounds on 2 threads
-            # (2026-12-03, benchmarks/decode_ab.py): 15m bf16 1.13x, 350m int8 1.02-1.05x. Should a step still need
-            # a graph, dynamo refuses before running anything; the engine then goes back to checking every guard.
-            try:
-                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._decode_compiled(tokens, cache)
-            except RuntimeError as exc:
-                if "skip_guard_eval_unsafe" not in str(exc):
-                    raise
-                warnings.warn("a compiled decode step needed a graph that warm_up() had not built; this engine "
-                              "checks every guard from now on", RuntimeWarning, stacklevel=2)
-                self._graphs_built = False
-                if self._trim_span:
-                    self._mark_span_dynamic(cache)
-        return self._decode_compiled(tokens, cache)
-
-    def _decode_compiled(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        if self.device.type == "cuda":
-            # A new iteration for CUDA graph trees: the last step's logits (already sampled) may be overwritten.
-            torch.compiler.cudagraph_mark_step_begin()
-            return self._decode_forward(tokens, cache)
-        # Around every call, not just a bucket's first (which compiles): a recompilation is frozen too, for ~17 us a
-        # call.
-        with torch._inductor.config.patch(freezing=True):
-            return self._decode_forward(tokens, cache)
+    def _build_graphs(self) -> None:
+        """Compile every graph a decode step uses (warm_up); speculative decoding adds its own."""
+        self.steps.warm_up(widths=[1])
 
     def _encode(self, prompt: Sequence[int] | str) -> list[int]:
         if isinstance(prompt, str):
@@ -588,6 +494,152 @@ class Engine:
                           time_to_first_token_s=seq.first_token_s - seq.arrival_s, total_s=now - seq.arrival_s)
 
 
+class CacheForward:
+    """A model's forward over the first rows of a KV cache, as decode steps call it: tokens (n, T) for rows [0, n),
+    eager or compiled. Engine's decode step, speculative verification and a draft model each own one.
+
+        steps = CacheForward(model, cache, compiled=True)
+        logits = steps(tokens)                              # each row continues at its length: (n, 1, V)
+        logits = steps(tokens, positions, logits_index)     # at given positions (n, T), logits (n, N, V)
+
+    Compiled (the cache must be static), each batch bucket (1, 2, 4, ... rows, the cache's batch size last) and
+    each call signature (T, positions given or not, logits of the last position or gathered) is a graph: n rows
+    are padded to the bucket with rows beyond them, which decode into those rows at their lengths (positions
+    clamped into the cache) and have their lengths put back. On CUDA with mode="reduce-overhead" (each graph
+    replays as a CUDA graph); on CPU with inductor's freezing and autotuned GEMMs (CPU_COMPILE_OPTIONS). After
+    `warm_up` has built every graph, calls check only the guards that tell the graphs apart (see __call__).
+    """
+
+    def __init__(self, model: torch.nn.Module, cache: KVCache, compiled: bool) -> None:
+        self.model, self.cache, self.compiled = model, cache, compiled
+        self.device = cache.lengths.device
+        if compiled and not cache.static:
+            raise MinillamaError("compile=True needs the static cache (a growing span would recompile every step)")
+        # Batch sizes a static cache decodes at (each a compiled graph); views made once, so a compiled step sees
+        # the same tensors every time.
+        rows = cache.batch_size
+        self.buckets = _powers_of_two_up_to(rows) if cache.static else list(range(1, rows + 1))
+        self._views = {b: cache.rows(0, b) for b in self.buckets}
+        self._forward = self._model_forward
+        # On CPU a compiled step attends over the span the rows use (a view of the cache's first positions, its
+        # length a dynamic dimension of one graph per bucket), not the whole static max_len: 15m, 32 rows of
+        # ~300 positions in 512, 2 threads: 16.6 ms a step over max_len.
+        self._trim_span = compiled and self.device.type != "cuda"
+        # True once warm_up() has compiled every graph the owner's steps use (see __call__).
+        self.graphs_built = False
+        if compiled:
+            for view in self._views.values():
+                for tensor in (*view.k, *view.v, view.lengths):
+                    torch._dynamo.mark_static_address(tensor)  # the cache is state, not an input to copy
+            # Graphs per bucket and signature, for every CacheForward of the process: allow that many more (dynamo's
+            # default limit of 8 would fall back to eager). Each one's number is part of its graphs' guards.
+            torch._dynamo.config.recompile_limit += MAX_SIGNATURES * len(self.buckets) + 1
+            self._graph_key = next(_COMPILED_FORWARDS)
+            if self.device.type == "cuda":
+                self._forward = torch.compile(self._model_forward, mode="reduce-overhead", dynamic=False)
+            else:
+                # Freezing: the weights become constants of the graph, prepacked for oneDNN's matmuls. The model must
+                # not change afterwards, and the packed copies take memory beside its weights. Inductor reads the
+                # setting from its global config while compiling (torch 2.13: passed as options={"freezing": True}
+                # to torch.compile it is ignored and the graph keeps aten::mm), so _compiled patches it around calls.
+                self._forward = torch.compile(self._model_forward, dynamic=False, options=CPU_COMPILE_OPTIONS)
+                # Autotuning's benchmark harness touches a deprecated storage API (torch 2.13); not the user's concern.
+                warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
+
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                 logits_index: torch.Tensor | int = -1) -> torch.Tensor:
+        """The model over rows [0, n) of the cache: tokens (n, T) at `positions` (n, T) (default: each row at its
+        length); logits (n, N, V) of the positions logits_index picks ((n, N), or -1: the last, N = 1)."""
+        n, width = tokens.shape
+        bucket = next(b for b in self.buckets if b >= n)
+        saved = None
+        if bucket > n:  # padding rows decode into rows beyond the running ones; their lengths are put back after
+            saved = self.cache.lengths[n:bucket].clone()
+            tokens = torch.cat([tokens, tokens.new_zeros(bucket - n, width)])
+            if positions is not None:  # copies of one slot at each padding row's length (still inside the cache)
+                pad = saved.clamp(max=self.cache.max_len - 1)[:, None].expand(-1, width)
+                positions = torch.cat([positions, pad])
+            if not isinstance(logits_index, int):
+                logits_index = torch.cat([logits_index, logits_index.new_zeros(bucket - n, logits_index.shape[1])])
+        view = self._views[bucket]
+        if self._trim_span:
+            last = int(view.lengths.max()) + width - 1 if positions is None else int(positions.max())
+            view = view.prefix(min(last + 1, self.cache.max_len))
+            if not self.graphs_built:  # after warm_up() nothing compiles (~0.14 ms a step saved at 15m)
+                self._mark_span_dynamic(view)
+        logits = self._run(tokens, view, positions, logits_index)
+        if saved is not None:
+            self.cache.lengths[n:bucket] = saved
+            logits = logits[:n]
+        return logits
+
+    def warm_up(self, widths: Sequence[int], positions: bool = False, gather: bool = False) -> None:
+        """Compile the graphs of every bucket for calls of these widths (T) with positions given or not and
+        logits gathered or of the last position; then no call of those signatures compiles. The cache's rows must
+        hold nothing: it is emptied after."""
+        if not self.compiled:
+            return
+        with torch.inference_mode():
+            for bucket in self.buckets:
+                for width in widths:
+                    self.cache.lengths[:bucket] = 1  # a span of >= 2: a dynamic dimension of size 1 is specialised
+                    tokens = torch.zeros(bucket, width, dtype=torch.long, device=self.device)
+                    at = (torch.arange(width, device=self.device) + 1).clamp(max=self.cache.max_len - 1)
+                    self(tokens, at.expand(bucket, width) if positions else None,
+                         torch.arange(width, device=self.device).expand(bucket, width) if gather else -1)
+            self.cache.reset()
+        self.graphs_built = True
+
+    def _model_forward(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
+                       logits_index: torch.Tensor | int) -> torch.Tensor:
+        if self.compiled and self._graph_key < 0:
+            # Never true; the comparison makes this object's number a guard of its graphs. They hold its cache as
+            # constants (static addresses, frozen), so another CacheForward over the same model in this process must
+            # not take them (it crashed with an index out of bounds, or decoded into the first engine's cache).
+            raise AssertionError("unreachable")
+        return self.model(tokens, cache=cache, positions=positions, logits_index=logits_index)
+
+    @staticmethod
+    def _mark_span_dynamic(view: KVCache) -> None:
+        for tensor in (*view.k, *view.v):
+            torch._dynamo.mark_dynamic(tensor, 2)
+
+    def _run(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
+             logits_index: torch.Tensor | int) -> torch.Tensor:
+        if not self.compiled:
+            return self._forward(tokens, cache, positions, logits_index)
+        if self.graphs_built:
+            # After warm_up() no call should need a new graph (every bucket is compiled, the span is dynamic), so
+            # dynamo checks only the guards that tell this code's graphs apart (bucket size, signature, owner's
+            # number), not every one (each weight's metadata, ...). The full check took ~1.3 ms of 350m's ~19 ms
+            # int8 step. Skipping it (and the span's dynamic marking), interleaved rounds on 2 threads (2026-12-03,
+            # benchmarks/decode_ab.py): 15m bf16 1.13x, 350m int8 1.02-1.05x. Should a call still need a graph,
+            # dynamo refuses before running anything; this object then goes back to checking every guard.
+            try:
+                with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
+                    return self._compiled(tokens, cache, positions, logits_index)
+            except RuntimeError as exc:
+                if "skip_guard_eval_unsafe" not in str(exc):
+                    raise
+                warnings.warn("a compiled decode step needed a graph that warm_up() had not built; this engine "
+                              "checks every guard from now on", RuntimeWarning, stacklevel=3)
+                self.graphs_built = False
+                if self._trim_span:
+                    self._mark_span_dynamic(cache)
+        return self._compiled(tokens, cache, positions, logits_index)
+
+    def _compiled(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
+                  logits_index: torch.Tensor | int) -> torch.Tensor:
+        if self.device.type == "cuda":
+            # A new iteration for CUDA graph trees: the last step's logits (already sampled) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+            return self._forward(tokens, cache, positions, logits_index)
+        # Around every call, not just a bucket's first (which compiles): a recompilation is frozen too, for ~17 us a
+        # call.
+        with torch._inductor.config.patch(freezing=True):
+            return self._forward(tokens, cache, positions, logits_index)
+
+
 def move_cache_row(cache: KVCache, src: int, dst: int, length: int) -> None:
     """Copy a row's first `length` positions into another row, which then holds them; the source row is empty."""
     for buffer in (*cache.k, *cache.v):  # (B, K, max_len, D) each
@@ -602,5 +654,5 @@ def _powers_of_two_up_to(n: int) -> list[int]:
     return sizes + [n]
 
 
-__all__ = ["Engine", "StepOutput", "Completion", "EngineStats", "SequenceState", "FINISH_STOP", "FINISH_LENGTH",
-           "move_cache_row"]
+__all__ = ["Engine", "CacheForward", "StepOutput", "Completion", "EngineStats", "SequenceState", "FINISH_STOP",
+           "FINISH_LENGTH", "move_cache_row"]

@@ -47,7 +47,13 @@ distribution is the same; greedy text is the same token for token.
 Speed. A step costs one forward of the model over k + 1 tokens per row plus k forwards of the draft; it pays when
 the model's forward is bound by reading its weights (k + 1 tokens cost about as much as one) and the draft is
 much cheaper than the model. `benchmarks/speculative.py` measures acceptance and speed-up for a trained pair.
-Not done: compiling the verification forward (`compile=True` is refused), tree or multi-draft verification.
+
+Compiled (`compile=True`; `minillama generate --draft D --compile`): the verification forward always takes k + 1
+tokens a row (rows with fewer drafts padded as above), so each batch bucket is one graph, and the draft model's
+one- and two-token forwards are compiled too; both are engine.py's CacheForward (static cache, batch buckets, the
+span trimmed on CPU), and `warm_up()` builds every graph. The prefills (the model's and the draft's) run eager, as
+in Engine. Off by default, on CUDA too (measured on CPU only).
+Not done: tree or multi-draft verification.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ from typing import Any
 import torch
 
 from minillama.errors import MinillamaError
-from minillama.infer.engine import Completion, Engine, SequenceState, StepOutput, move_cache_row
+from minillama.infer.engine import CacheForward, Completion, Engine, SequenceState, StepOutput, move_cache_row
 from minillama.infer.sampling import TokenLogprob, draw, probabilities_for, token_logprob
 from minillama.model import KVCache
 
@@ -131,6 +137,9 @@ class Drafter:
     def forget(self, seq_id: int) -> None:
         """A sequence left the engine."""
 
+    def warm_up(self) -> None:
+        """Compile what the drafter compiles (the engine's warm_up)."""
+
 
 class PromptLookup(Drafter):
     """Drafts the continuation of the longest recent n-gram match (n <= max_ngram) in the sequence itself."""
@@ -163,11 +172,14 @@ def lookup_continuation(ids: Sequence[int], max_ngram: int, count: int) -> list[
 class DraftModel(Drafter):
     """A smaller model with the same tokenizer, its KV cache's rows kept as the engine's rows."""
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int, prefill_chunk: int) -> None:
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int, prefill_chunk: int,
+                 compiled: bool = False, static: bool | None = None) -> None:
         self.model = model.eval()
         weight = model.tok_embeddings.weight
         self.device = weight.device
-        self.cache = KVCache.empty(model.cfg, max_batch, max_len, dtype=weight.dtype, device=self.device)
+        self.cache = KVCache.empty(model.cfg, max_batch, max_len, dtype=weight.dtype, device=self.device,
+                                   static=compiled if static is None else static)
+        self.steps = CacheForward(model, self.cache, compiled)  # the batched forwards (the prefill runs eager)
         self.prefill_chunk = prefill_chunk
         self.cached: dict[int, int] = {}  # seq_id -> positions of its row that hold its tokens
         self._proposed: list[tuple[int, int, int]] = []  # per row of the last proposal: seq_id, length, fed drafts
@@ -194,7 +206,7 @@ class DraftModel(Drafter):
             # the same keys and values), so that the batch stays rows [0, n) and no position passes its budget.
             fed = [drafts[i][min(j, budgets[i]) - 1] if budgets[i] else ids[i][-1] for i in range(n)]
             positions = [len(ids[i]) - 1 + min(j, budgets[i]) for i in range(n)]
-            logits = self._forward([[t] for t in fed], [[p] for p in positions], n)
+            logits = self._forward([[t] for t in fed], [[p] for p in positions])
         self._proposed = [(s.seq_id, len(ids[i]), min(budgets[i], most - 1)) for i, s in enumerate(seqs)]
         return Drafts(drafts, [torch.stack(p) if p else None for p in probs])
 
@@ -206,6 +218,10 @@ class DraftModel(Drafter):
     def move_row(self, src: int, dst: int, length: int) -> None:
         move_cache_row(self.cache, src, dst, length)
 
+    def warm_up(self) -> None:
+        """Compile the draft's batched forwards (one token per row, and two when catching up)."""
+        self.steps.warm_up(widths=[1, 2], positions=True)
+
     def forget(self, seq_id: int) -> None:
         self.cached.pop(seq_id, None)
 
@@ -215,9 +231,9 @@ class DraftModel(Drafter):
         for i in range(len(seqs)):  # a new sequence: its prompt alone in its row, leaving one token to the batch
             while len(ids[i]) - have[i] > 2:
                 chunk = ids[i][have[i]:min(len(ids[i]) - 1, have[i] + self.prefill_chunk)]
-                self.model(torch.tensor([chunk], device=self.device), cache=self.cache.rows(i, i + 1),
-                           positions=torch.arange(have[i], have[i] + len(chunk), device=self.device)[None],
-                           logits_index=-1)
+                end = have[i] + len(chunk)  # a view of the positions the row holds after this chunk
+                self.model(torch.tensor([chunk], device=self.device), cache=self.cache.rows(i, i + 1).prefix(end),
+                           positions=torch.arange(have[i], end, device=self.device)[None], logits_index=-1)
                 have[i] += len(chunk)
         width = max(len(ids[i]) - have[i] for i in range(len(seqs)))  # 1 or 2
         tokens, positions = [], []
@@ -225,11 +241,11 @@ class DraftModel(Drafter):
             pad = width - (len(ids[i]) - have[i])
             tokens.append([ids[i][have[i]]] * pad + ids[i][have[i]:])
             positions.append([have[i]] * pad + list(range(have[i], len(ids[i]))))
-        return self._forward(tokens, positions, len(seqs))
+        return self._forward(tokens, positions)
 
-    def _forward(self, tokens: list[list[int]], positions: list[list[int]], n: int) -> torch.Tensor:
-        return self.model(torch.tensor(tokens, device=self.device), cache=self.cache.rows(0, n),
-                          positions=torch.tensor(positions, device=self.device), logits_index=-1)[:, -1]
+    def _forward(self, tokens: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
+        as_tensor = lambda rows: torch.tensor(rows, device=self.device)
+        return self.steps(as_tensor(tokens), as_tensor(positions))[:, -1]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -304,25 +320,25 @@ class SpeculativeEngine(Engine):
     prompt_lookup   the longest n-gram looked up in the sequence itself (n <= prompt_lookup); exactly one of the two
     draft_tokens    tokens drafted per step (k, default 4)
     draft_tokenizer the draft's tokenizer, checked against the engine's (fingerprint) when both are given
+    compile         compile the verification forward (always k + 1 tokens per row) and the draft's forwards
+                    (default off, on CUDA too: measured on CPU only; see the module docstring)
 
-    Everything else is Engine's (continuous batching, prefill, stop strings, logprobs, streaming), except that
-    compile=True is refused: the verification forward is not compiled.
+    Everything else is Engine's (continuous batching, prefill, stop strings, logprobs, streaming).
     """
 
     def __init__(self, model: torch.nn.Module, tokenizer: Any = None, *, draft: torch.nn.Module | None = None,
                  prompt_lookup: int | None = None, draft_tokens: int = DEFAULT_DRAFT_TOKENS,
                  draft_tokenizer: Any = None, compile: bool | None = None, **options: Any) -> None:
         check_speculation(draft is not None, prompt_lookup, draft_tokens)
-        if compile:
-            raise MinillamaError("speculative decoding does not compile its steps; leave compile off")
-        super().__init__(model, tokenizer, compile=False, **options)
+        super().__init__(model, tokenizer, compile=bool(compile), **options)
         self.draft_tokens = draft_tokens
         if draft is not None:
             check_draft(self.cfg, draft.cfg, self.max_len, tokenizer, draft_tokenizer)
             if draft.tok_embeddings.weight.device != self.device:
                 raise MinillamaError(f"the draft model is on {draft.tok_embeddings.weight.device}, the model on "
                                      f"{self.device}; put both on one device")
-            self.drafter: Drafter = DraftModel(draft, self.max_batch, self.max_len, self.prefill_chunk)
+            self.drafter: Drafter = DraftModel(draft, self.max_batch, self.max_len, self.prefill_chunk,
+                                               compiled=self.compiled, static=self.cache.static)
         else:
             self.drafter = PromptLookup(prompt_lookup)
         self.speculation = SpeculationStats()  # the engine's whole life
@@ -352,9 +368,10 @@ class SpeculativeEngine(Engine):
         return outputs
 
     def _verify_forward(self, seqs: list[SequenceState], drafts: list[list[int]]) -> torch.Tensor:
-        """The model over each row's last token and its drafts in one forward: logits (n, k + 1, V), entry j of
-        row i predicting the token after its j-th draft (entries past a row's drafts repeat its last)."""
-        width = max(len(d) for d in drafts)
+        """The model over each row's last token and its drafts in one forward: logits (n, w + 1, V), entry j of
+        row i predicting the token after its j-th draft (entries past a row's drafts repeat its last); w is the
+        most drafts a row has, or k when compiled (one graph per batch bucket)."""
+        width = self.draft_tokens if self.compiled else max(len(d) for d in drafts)
         tokens, positions, index = [], [], []
         for seq, d in zip(seqs, drafts):
             pad, last = width - len(d), seq.cached  # the last token's position (it is not in the cache yet)
@@ -362,8 +379,7 @@ class SpeculativeEngine(Engine):
             positions.append([last] * (pad + 1) + list(range(last + 1, last + 1 + len(d))))
             index.append([min(pad + j, width) for j in range(width + 1)])
         as_tensor = lambda rows: torch.tensor(rows, device=self.device)
-        return self.model(as_tensor(tokens), cache=self.cache.rows(0, len(seqs)), positions=as_tensor(positions),
-                          logits_index=as_tensor(index))
+        return self.steps(as_tensor(tokens), as_tensor(positions), as_tensor(index))
 
     def _emitted(self, seqs: list[SequenceState], drafts: Drafts, logits: torch.Tensor) -> list[list[int]]:
         """Each row's kept drafts and one more token."""
@@ -385,6 +401,10 @@ class SpeculativeEngine(Engine):
                 d = drafts.tokens[i]
                 out[i] = rejection_sample(p[:len(d) + 1], d, drafts.probs[i], seqs[i].sampler.generator)
         return out
+
+    def _build_graphs(self) -> None:
+        self.steps.warm_up(widths=[self.draft_tokens + 1], positions=True, gather=True)
+        self.drafter.warm_up()
 
     # Rows: the draft's follow the engine's.
     def _move_row(self, src: int, dst: int, length: int) -> None:
