@@ -4,7 +4,8 @@
     python benchmarks/gpu_mfu.py --presets 1b,125m --checkpointing none  # the two rows with targets
     python benchmarks/gpu_mfu.py --device cpu --preset tiny --seq-len 128 --steps 2   # the form CI runs
 
-One step is what `minillama train` runs per batch (bf16 autocast over fp32 weights, each block and the loss head
+One step is what `minillama train` runs per batch (bf16 autocast over fp32 weights where bf16 is native, fp32 on a
+CPU that emulates it: runtime.autocast_dtype; each block and the loss head
 compiled, the trainer's `TrainStep`: forward, fp32 cross-entropy, backward, clipping at 1.0, fused AdamW), built
 by the trainer's own `build_parallel_model`, on one micro-batch of random tokens at sequence 2,048. The
 micro-batch is the largest power of two up to --max-micro-batch whose planned peak fits in 80% of the device's
@@ -12,11 +13,11 @@ memory (`minillama.plan.memory.training_memory`), unless --micro-batch names one
 
 tokens/s: micro-batch x sequence over the mean wall time of --steps steps after --warmup steps (compilation),
 synchronised. MFU = tokens/s x model FLOPs per token (`minillama.plan.flops.flops_per_token`: 6 x matmul weights +
-causal attention, recomputation not counted) / the device's dense bf16 peak (`minillama.plan.hardware`: H100/H200
-SXM 989 TFLOP/s). Memory: torch.cuda.max_memory_allocated over the timed steps against the planner's total (CUDA);
-on the CPU, the peak of live tensor bytes over one more step (benchmarks/plan_vs_measured.py `TensorBytes`: RSS
-would read the heap that `minillama train` keeps for reuse) against the planner's total less the weights and AdamW
-state that exist before it.
+causal attention, recomputation not counted) / the device's dense peak in that precision
+(`minillama.plan.hardware`: H100/H200 SXM 989 TFLOP/s in bf16). Memory: torch.cuda.max_memory_allocated over the
+timed steps against the planner's total (CUDA); on the CPU, the peak of live tensor bytes over one more step
+(benchmarks/plan_vs_measured.py `TensorBytes`: RSS would read the heap that `minillama train` keeps for reuse)
+against the planner's total less the weights and AdamW state that exist before it.
 
 Targets (checked and printed on a GPU): 1b >= 60,000 tokens/s and >= 45% MFU; 125m >= 35% MFU (AC none).
 Each configuration runs in a fresh subprocess, so one row's memory never counts in another's. Results: a table
@@ -45,7 +46,8 @@ CHECKPOINTING = ["none", "selective", "full"]
 TARGETS = {("1b", "none"): (60_000, 0.45), ("125m", "none"): (None, 0.35)}
 
 
-def pick_micro_batch(cfg, seq_len: int, checkpointing: str, attention: str, memory_bytes: float, limit: int) -> int:
+def pick_micro_batch(cfg, seq_len: int, checkpointing: str, attention: str, memory_bytes: float, limit: int,
+                     precision: str) -> int:
     """The largest power of two <= limit whose planned training peak fits in 80% of `memory_bytes`."""
     from minillama.plan.memory import training_memory
     from minillama.plan.planner import parameter_counts
@@ -53,7 +55,7 @@ def pick_micro_batch(cfg, seq_len: int, checkpointing: str, attention: str, memo
     params = parameter_counts(cfg)[0]
     micro = 1
     while micro * 2 <= limit and training_memory(
-            cfg, params, micro_batch=micro * 2, seq_len=seq_len, precision="bf16",
+            cfg, params, micro_batch=micro * 2, seq_len=seq_len, precision=precision,
             activation_checkpointing=checkpointing, attention=attention)["total"] <= 0.8 * memory_bytes:
         micro *= 2
     return micro
@@ -70,6 +72,7 @@ def measure(preset: str, seq_len: int, checkpointing: str, device: str, micro_ba
     from minillama.plan.hardware import device_peak_flops
     from minillama.plan.memory import training_memory
     from minillama.plan.planner import parameter_counts
+    from minillama.runtime import autocast_dtype
     from minillama.train.config import OptimConfig, TrainConfig
     from minillama.train.optim import build_optimizer
     from minillama.train.parallelize import DistributedContext
@@ -78,16 +81,18 @@ def measure(preset: str, seq_len: int, checkpointing: str, device: str, micro_ba
     cfg = ModelConfig.from_preset(preset, max_seq_len=max(seq_len, ModelConfig.from_preset(preset).max_seq_len))
     dev = torch.device(device)
     kernel = attention_kernel(device, seq_len)
+    precision = autocast_dtype("auto", dev)  # as `minillama train` decides it: fp32 where bf16 is emulated
     if device == "cpu":
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     else:
         memory_bytes = torch.cuda.get_device_properties(dev).total_memory
-    micro = micro_batch or pick_micro_batch(cfg, seq_len, checkpointing, kernel, memory_bytes, max_micro_batch)
-    tcfg = TrainConfig(seq_len=seq_len, batch_tokens=micro * seq_len, micro_batch_size=micro, dtype="bf16",
+    micro = micro_batch or pick_micro_batch(cfg, seq_len, checkpointing, kernel, memory_bytes, max_micro_batch,
+                                            precision)
+    tcfg = TrainConfig(seq_len=seq_len, batch_tokens=micro * seq_len, micro_batch_size=micro, dtype=precision,
                        compile=compile, activation_checkpointing=checkpointing)
     model, train_model = build_parallel_model(cfg, tcfg, DistributedContext(device=dev))
     optimizer = build_optimizer(model, OptimConfig())
-    step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=1.0, dtype="bf16")
+    step = TrainStep(train_model, model, optimizer, micro_batch_size=micro, grad_clip=1.0, dtype=precision)
     data = torch.randint(0, cfg.vocab_size, (micro, seq_len + 1), generator=torch.Generator().manual_seed(0))
     inputs, targets = data[:, :-1].to(dev), data[:, 1:].to(dev)
 
@@ -106,7 +111,7 @@ def measure(preset: str, seq_len: int, checkpointing: str, device: str, micro_ba
     synchronize()
     seconds_per_step = (time.perf_counter() - start) / steps
     params = parameter_counts(cfg)[0]
-    plan = training_memory(cfg, params, micro_batch=micro, seq_len=seq_len, precision="bf16",
+    plan = training_memory(cfg, params, micro_batch=micro, seq_len=seq_len, precision=precision,
                            activation_checkpointing=checkpointing, attention=kernel)
     if dev.type == "cuda":
         measured, planned, what = torch.cuda.max_memory_allocated(dev), plan["total"], "max_memory_allocated"
@@ -120,10 +125,11 @@ def measure(preset: str, seq_len: int, checkpointing: str, device: str, micro_ba
         what = "peak of live tensor bytes over one step vs planned total - weights - optimizer"
         hardware = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     tokens_per_s = micro * seq_len / seconds_per_step
-    peak = device_peak_flops(dev, "bf16")
+    peak = device_peak_flops(dev, precision)
     flops = flops_per_token(cfg, seq_len, training=True)
     return dict(preset=preset, params=params, seq_len=seq_len, activation_checkpointing=checkpointing,
-                micro_batch=micro, compile=compile, attention=kernel, device=device, hardware=hardware,
+                micro_batch=micro, compile=compile, attention=kernel, precision=precision, device=device,
+                hardware=hardware,
                 steps=steps, warmup=warmup, seconds_per_step=seconds_per_step, tokens_per_s=tokens_per_s,
                 flops_per_token=flops, peak_flops=peak, mfu=tokens_per_s * flops / peak if peak else None,
                 measured_memory_bytes=measured, planned_memory_bytes=planned, memory_ratio=measured / planned,

@@ -176,7 +176,8 @@ def add_train_commands(sub: argparse._SubParsersAction) -> None:
                                                         "name of a shipped one (arithmetic, python_expressions, ...)")
     p.add_argument("--seq-len", type=int, help="context per window (default: the model's max_seq_len)")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16")
+    p.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto",
+                   help="bf16 autocast or fp32 (auto: bf16 where its matmuls are native, fp32 elsewhere)")
     p.add_argument("--shots", type=int, default=0, help="--task: solved examples before each item (default 0)")
     p.add_argument("--limit", type=int, help="--task: score only the first N items")
     p.add_argument("--seed", type=int, default=1234, help="--task: seed of the shots' draw (default 1234, lm-eval's)")

@@ -371,7 +371,7 @@ def test_cpu_probe_is_measured_once_and_cached(tmp_path, monkeypatch):
     monkeypatch.delenv("MINILLAMA_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     calls = []
-    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: calls.append(dtype) or 1e11)
+    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype, n=2048: calls.append(dtype) or 1e11)
     monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
     cpu = hardware.get_hardware("cpu")
     assert cpu.peak_flops("bf16") == 1e11 and (tmp_path / "minillama" / "cpu_peak.json").exists()
@@ -386,12 +386,27 @@ def test_cpu_probe_is_cached_under_minillama_cache(tmp_path, monkeypatch):
     monkeypatch.setattr(hardware, "_probed_this_process", {})
     monkeypatch.setenv("MINILLAMA_CACHE", str(tmp_path / "mine"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype: 2e11)
+    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype, n=2048: 2e11)
     monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
     cpu = hardware.get_hardware("cpu")
     assert cpu.peak_flops("fp32") == 2e11
     assert (tmp_path / "mine" / "cpu_peak.json").exists() and not (tmp_path / "xdg").exists()
     assert str(tmp_path / "mine" / "cpu_peak.json") in cpu.source
+
+
+def test_the_cpu_probe_times_a_small_bf16_product_where_bf16_is_emulated(monkeypatch):
+    """An AVX2-only CPU emulates bf16 (~1 GFLOP/s): its 2048 x 2048 probe product took a minute on one thread, in
+    every process that trained until three probes were stored. There the bf16 product is 256 x 256."""
+    from minillama import runtime
+
+    sizes = {}
+    monkeypatch.setattr(hardware, "_measure_matmul_flops", lambda dtype, n=2048: sizes.setdefault(dtype, n))
+    monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
+    for native, bf16_size in [(True, 2048), (False, 256)]:
+        sizes.clear()
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        hardware._probe(0.0)
+        assert sizes == {torch.bfloat16: bf16_size, torch.float32: 2048}
 
 
 class FakeProbes:
@@ -409,7 +424,7 @@ class FakeProbes:
         monkeypatch.setattr(hardware, "_measure_copy_bandwidth", lambda: 1e10)
         self.new_process()
 
-    def _matmul(self, dtype):
+    def _matmul(self, dtype, n=2048):
         self.probes += dtype == torch.bfloat16
         return self.bf16 if dtype == torch.bfloat16 else self.fp32
 

@@ -509,3 +509,50 @@ def test_a_repeated_sigterm_keeps_the_graceful_stop_but_a_second_ctrl_c_stops_at
     assert first_ctrl_c.requested
     with pytest.raises(KeyboardInterrupt):
         first_ctrl_c._handle(signal.SIGINT, None)
+
+
+def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
+    """train.dtype = "auto" (the default) and `minillama eval --dtype auto`: bf16 autocast where bf16 matmuls are
+    native, fp32 elsewhere (an AVX2-only CPU emulates them ~100x slower than fp32)."""
+    from minillama import runtime
+    from minillama.train.config import TrainConfig
+
+    assert TrainConfig().dtype == "auto"
+    a, b = torch.randn(8, 8), torch.randn(8, 8)
+    for native, expected in [(True, "bf16"), (False, "fp32")]:
+        monkeypatch.setattr(runtime, "native_bf16", lambda device, native=native: native)
+        assert runtime.autocast_dtype("auto", torch.device("cpu")) == expected
+        with runtime.autocast_context(torch.device("cpu"), "auto"):
+            assert (a @ b).dtype == (torch.bfloat16 if native else torch.float32)
+        assert [runtime.autocast_dtype(d, torch.device("cpu")) for d in ("bf16", "fp32")] == ["bf16", "fp32"]
+    with pytest.raises(MinillamaError, match="'fp16'"):
+        runtime.autocast_dtype("fp16", torch.device("cpu"))
+    with pytest.raises(MinillamaError, match="train.dtype must be 'auto', 'bf16' or 'fp32', got 'half'"):
+        TrainConfig(dtype="half")
+
+
+def test_training_resolves_auto_on_its_device_and_warns_of_emulated_bf16(tmp_path, corpus, env, monkeypatch,
+                                                                          capsys):
+    """On a device without native bf16 the trainer steps in fp32 for "auto", and an explicit "bf16" trains as
+    asked after one warning line that says so."""
+    from minillama import runtime
+    from minillama.train import trainer
+
+    monkeypatch.setattr(runtime, "native_bf16", lambda device: False)
+    monkeypatch.setattr(trainer, "native_bf16", lambda device: False)
+    used = []
+
+    class RecordingStep(TrainStep):
+        def __init__(self, *args, **kwargs):
+            used.append(kwargs["dtype"])
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "TrainStep", RecordingStep)
+    config = write_config(tmp_path, corpus, max_steps=2, save_every=2)
+    for dtype, out in [("auto", "a"), ("bf16", "b")]:
+        assert main(["train", "--config", str(config), "--out", str(tmp_path / out), "--no-progress",
+                     "--set", f"train.dtype={dtype}", "--set", "train.sample_tokens=0"]) == 0
+        warnings = [line for line in capsys.readouterr().err.splitlines() if "native bf16" in line]
+        assert len(warnings) == (dtype == "bf16"), warnings
+    assert used == ["fp32", "bf16"]
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["train"]["dtype"] == "auto"

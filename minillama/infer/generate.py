@@ -13,6 +13,7 @@ import torch
 from minillama.errors import MinillamaError
 from minillama.infer.engine import Completion, Engine
 from minillama.infer.sampling import SamplingParams
+from minillama.runtime import native_bf16
 
 
 def generate(model: Any, tokenizer: Any, prompt: str, max_new_tokens: int = 200, temperature: float = 0.8,
@@ -53,8 +54,7 @@ def inference_dtype(name: str, device: torch.device) -> torch.dtype:
     they beat fp32 (the weights are half the bytes, and batched bf16 matmuls run several times faster than fp32
     ones at a few rows, benchmarks/decode.py); fp32 elsewhere."""
     if name == "auto":
-        native = device.type == "cuda" or (device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        return torch.bfloat16 if native else torch.float32
+        return torch.bfloat16 if native_bf16(device) else torch.float32
     if name not in DTYPES:
         raise MinillamaError(f"dtype must be one of auto, {', '.join(DTYPES)}; got {name!r}")
     return DTYPES[name]

@@ -33,6 +33,7 @@ from lm_eval.models.utils import normalize_gen_kwargs, postprocess_generated_tex
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from minillama.errors import MinillamaError
+from minillama.runtime import autocast_dtype
 from minillama.tasks import score_continuations
 
 logger = logging.getLogger(__name__)
@@ -76,9 +77,8 @@ class MinillamaLM(TemplateLM):
             raise MinillamaError("the minillama model type needs --model_args checkpoint=DIR")
         if ignored:
             logger.warning("minillama: ignoring model_args %s", ", ".join(sorted(ignored)))
-        if dtype not in ("bf16", "fp32"):
-            raise MinillamaError(f"dtype must be 'bf16' or 'fp32', got {dtype!r}")
         self._device = _device(device)
+        autocast_dtype(dtype, self._device)  # auto, bf16 or fp32; anything else is one line naming it
         self.model, self.tokenizer = load(checkpoint, device=self._device)
         if self.tokenizer is None:
             raise MinillamaError(f"checkpoint {checkpoint} has no tokenizer files")

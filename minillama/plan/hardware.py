@@ -203,7 +203,12 @@ def _stored_probes(entry: object, now: float) -> list[dict]:
 def _probe(now: float) -> dict:
     import torch
 
-    return dict(time=now, peak_flops_bf16=_measure_matmul_flops(torch.bfloat16),
+    from minillama.runtime import native_bf16
+
+    # Where bf16 is emulated (an AVX2-only CPU: ~1.3 GFLOP/s on 2 cores) one 2048 x 2048 product takes ~13 s, and
+    # every process that trains probes until three probes are stored; a 256 x 256 one reads that rate in ~0.1 s.
+    bf16_size = 2048 if native_bf16(torch.device("cpu")) else 256
+    return dict(time=now, peak_flops_bf16=_measure_matmul_flops(torch.bfloat16, n=bf16_size),
                 peak_flops_fp32=_measure_matmul_flops(torch.float32), bandwidth_bytes_per_s=_measure_copy_bandwidth())
 
 

@@ -306,6 +306,8 @@ def _layout_section(opts: PlanOptions, cfg: ModelConfig | None, train_table: dic
     seq_len = parse_quantity(opts.seq_len if opts.seq_len is not None else
                              train_table.get("seq_len", default_seq or 2048), "seq_len", integer=True)
     precision = opts.precision or train_table.get("dtype", "bf16")
+    if precision == "auto":  # a run TOML's "auto" is bf16 on the GPUs planned for (runtime.autocast_dtype)
+        precision = "bf16"
     mem.get_policy(precision)
     checkpointing = opts.activation_checkpointing or train_table.get("activation_checkpointing", "none")
     if checkpointing not in mem.CHECKPOINTING:

@@ -71,7 +71,9 @@ class TrainConfig:
     # into micro-batches x gradient-accumulation steps; micro_batch_size = 0 picks the largest that fits.
     batch_tokens: int = 16384
     micro_batch_size: int = 0
-    dtype: str = "bf16"  # "bf16": autocast with fp32 master weights; "fp32": everything in fp32
+    # "bf16": autocast with fp32 master weights; "fp32": everything in fp32; "auto": bf16 where its matmuls are
+    # native (CUDA with bf16, a CPU with AVX512-BF16 or AMX), fp32 elsewhere (runtime.native_bf16)
+    dtype: str = "auto"
     device: str = "auto"  # "auto": cuda if available, else cpu
     seed: int = 1337
     log_every: int = 10
@@ -110,8 +112,8 @@ class TrainConfig:
         if self.batch_tokens % self.seq_len:
             raise MinillamaError(f"train.batch_tokens={self.batch_tokens} is not a multiple of "
                                  f"train.seq_len={self.seq_len}")
-        if self.dtype not in ("bf16", "fp32"):
-            raise MinillamaError(f"train.dtype must be 'bf16' or 'fp32', got {self.dtype!r}")
+        if self.dtype not in ("auto", "bf16", "fp32"):
+            raise MinillamaError(f"train.dtype must be 'auto', 'bf16' or 'fp32', got {self.dtype!r}")
         if self.activation_checkpointing not in CHECKPOINTING:
             raise MinillamaError(f"train.activation_checkpointing must be one of {', '.join(CHECKPOINTING)}, got "
                                  f"{self.activation_checkpointing!r}")

@@ -13,6 +13,7 @@ N GPUs and continue its loss curve.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import signal
 import time
@@ -26,7 +27,7 @@ from minillama.config import ModelConfig
 from minillama.errors import MinillamaError
 from minillama.files import make_dir
 from minillama.model import Transformer
-from minillama.runtime import autocast_context, retain_freed_memory
+from minillama.runtime import autocast_context, autocast_dtype, native_bf16, retain_freed_memory, warn
 from minillama.train import checkpointing
 from minillama.train.config import RunConfig
 from minillama.train.metrics import MetricsLog, Throughput, plot_losses
@@ -268,6 +269,10 @@ def train(run: RunConfig, out_dir: str | Path, resume: bool = False, show_progre
     tcfg, ocfg = run.train, run.optim
     dist = DistributedContext.from_environment(tcfg.device)
     device = dist.device
+    if tcfg.dtype == "bf16" and not native_bf16(device) and dist.is_main:
+        warn(f"train.dtype = \"bf16\" on a {device.type} without native bf16 matmuls: they run emulated, far slower "
+             f"than fp32 (train.dtype = \"auto\" picks fp32 here)")
+    tcfg = dataclasses.replace(tcfg, dtype=autocast_dtype(tcfg.dtype, device))  # "auto" decided on this device
     saved = None
     if resume:
         latest = checkpointing.latest_checkpoint(out_dir)
