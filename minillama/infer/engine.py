@@ -584,9 +584,10 @@ class CacheForward:
                 for width in widths:
                     self.cache.lengths[:bucket] = 1  # a span of >= 2: a dynamic dimension of size 1 is specialised
                     tokens = torch.zeros(bucket, width, dtype=torch.long, device=self.device)
+                    # Contiguous, as the steps' own tensors are (an expanded view's strides would be another graph).
                     at = (torch.arange(width, device=self.device) + 1).clamp(max=self.cache.max_len - 1)
-                    self(tokens, at.expand(bucket, width) if positions else None,
-                         torch.arange(width, device=self.device).expand(bucket, width) if gather else -1)
+                    self(tokens, at.repeat(bucket, 1) if positions else None,
+                         torch.arange(width, device=self.device).repeat(bucket, 1) if gather else -1)
             self.cache.reset()
         self.graphs_built = True
 
