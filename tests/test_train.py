@@ -513,7 +513,7 @@ def test_a_repeated_sigterm_keeps_the_graceful_stop_but_a_second_ctrl_c_stops_at
 
 def test_auto_precision_is_bf16_only_where_bf16_matmuls_are_native(monkeypatch):
     """train.dtype = "auto" (the default) and `minillama eval --dtype auto`: bf16 autocast where bf16 matmuls are
-    native, fp32 elsewhere (an AVX2-only CPU emulates them ~100x slower than fp32)."""
+    native, fp32 elsewhere (an AVX2-only CPU emulates them ~90x slower than fp32)."""
     from minillama import runtime
     from minillama.train.config import TrainConfig
 
