@@ -27,6 +27,7 @@ def resolve_device(name: str) -> torch.device:
         raise MinillamaError(f"unknown device {name!r}; expected auto, cpu, cuda or cuda:N") from None
 
 
+@functools.cache  # asked per batch where "auto" reaches autocast_context (evaluation); the answer never changes
 def native_bf16(device: torch.device) -> bool:
     """Whether bf16 matmuls run natively on `device`: a CUDA GPU with bf16 (Ampere or newer), or a CPU whose
     oneDNN has bf16 kernels (AVX512-BF16 or AMX). Elsewhere they are emulated: on 2 cores of an AVX2-only AMD EPYC

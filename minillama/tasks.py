@@ -203,9 +203,9 @@ def encode_pair(tokenizer, context: str, continuation: str) -> tuple[list[int], 
 
 
 def _autocast(device: torch.device, dtype: str):
-    from minillama.runtime import autocast_context, autocast_dtype
+    from minillama.runtime import autocast_context
 
-    return autocast_context(device, autocast_dtype(dtype, device))  # an unknown dtype: one line naming it
+    return autocast_context(device, dtype)  # auto, bf16 or fp32; anything else is one line naming it
 
 
 @torch.no_grad()
