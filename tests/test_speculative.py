@@ -17,6 +17,7 @@ from test_infer import TEXT, alone, assert_same, prompts_of, small_model
 from minillama import MinillamaError, save
 from minillama.cli import main
 from minillama.infer import Engine, SamplingParams
+from minillama.infer.engine import CacheForward
 from minillama.infer.sampling import SequenceSampler, probabilities_for
 from minillama.infer.speculative import (
     SpeculativeEngine,
@@ -24,6 +25,7 @@ from minillama.infer.speculative import (
     lookup_continuation,
     rejection_sample,
 )
+from minillama.model import KVCache
 from minillama.tokenizer import train_bpe_from_texts
 
 bpe = test_infer.bpe  # the byte-level BPE fixture
@@ -143,6 +145,42 @@ def test_compiled_speculation_equals_the_model_alone_and_compiles_nothing_after_
     engine, _, _ = joins_leaves_and_cancel(compiled_engine)
     assert counters["stats"]["unique_graphs"] == graphs[0]
     assert engine.speculation.accepted_tokens > 0
+
+
+@pytest.mark.parametrize("static", [False, True], ids=["growing-cache", "static-cache"])
+def test_greedy_drafting_in_one_call_equals_argmax_fed_back_one_forward_at_a_time(static):
+    """CacheForward(greedy=k), a draft model's proposal in one call (one graph when compiled): k argmax tokens,
+    each fed back at the next position, equal k one-token forwards with the argmax taken outside, in the tokens
+    and in every key and value written. Three rows at different lengths (the static cache pads them to a bucket of
+    four), one of them at the end of the cache, whose positions past it are clamped into it."""
+    model = small_model()
+    k, max_len = 4, 40
+    prompts = prompts_of([5, 23, max_len - 1])
+    caches, chosen = [], []
+    for fused in (True, False):
+        cache = KVCache.empty(model.cfg, 4, max_len, dtype=torch.float32, static=static)
+        steps = CacheForward(model, cache, compiled=False)
+        with torch.inference_mode():
+            for row, prompt in enumerate(prompts):  # all but the last token, alone in its row
+                model(torch.tensor([prompt[:-1]]), cache=cache.rows(row, row + 1).prefix(len(prompt) - 1))
+            tokens = torch.tensor([[p[-1]] for p in prompts])  # (3, 1)
+            positions = torch.tensor([[len(p) - 1] for p in prompts])
+            if fused:
+                out = steps(tokens, positions, greedy=k)
+            else:
+                out = []
+                for _ in range(k):
+                    out.append(steps(tokens, positions)[:, -1].argmax(dim=-1))
+                    tokens, positions = out[-1][:, None], (positions + 1).clamp(max=max_len - 1)
+                out = torch.stack(out, dim=1)
+        assert out.shape == (3, k)
+        caches.append(cache)
+        chosen.append(out)
+    assert torch.equal(chosen[0], chosen[1])
+    for a, b in zip((*caches[0].k, *caches[0].v), (*caches[1].k, *caches[1].v)):
+        torch.testing.assert_close(a[:3], b[:3], rtol=0, atol=1e-6)
+    assert torch.equal(caches[0].lengths, caches[1].lengths)
+    assert len(set(chosen[0][:2].flatten().tolist())) > 2  # rows that wander: a copied first token would fail
 
 
 @pytest.mark.parametrize("draft_tokens", [1, 2, 5])

@@ -501,6 +501,7 @@ class CacheForward:
         steps = CacheForward(model, cache, compiled=True)
         logits = steps(tokens)                              # each row continues at its length: (n, 1, V)
         logits = steps(tokens, positions, logits_index)     # at given positions (n, T), logits (n, N, V)
+        chosen = steps(tokens, positions, greedy=k)         # then k argmax tokens, each fed back: (n, k)
 
     Compiled (the cache must be static), each batch bucket (1, 2, 4, ... rows, the cache's batch size last) and
     each call signature (T, positions given or not, logits of the last position or gathered) is a graph: n rows
@@ -547,9 +548,14 @@ class CacheForward:
                 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
     def __call__(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
-                 logits_index: torch.Tensor | int = -1) -> torch.Tensor:
+                 logits_index: torch.Tensor | int = -1, greedy: int = 0) -> torch.Tensor:
         """The model over rows [0, n) of the cache: tokens (n, T) at `positions` (n, T) (default: each row at its
-        length); logits (n, N, V) of the positions logits_index picks ((n, N), or -1: the last, N = 1)."""
+        length); logits (n, N, V) of the positions logits_index picks ((n, N), or -1: the last, N = 1).
+
+        greedy=k (positions given, logits_index -1): instead of logits, k tokens per row (n, k), the argmax after
+        the last position, then k - 1 times the argmax after feeding the previous one at the next position, all in
+        one call (one graph when compiled): a draft model's greedy proposal. The fed tokens stay in the cache, at
+        positions the caller keeps below max_len."""
         n, width = tokens.shape
         bucket = next(b for b in self.buckets if b >= n)
         saved = None
@@ -564,21 +570,24 @@ class CacheForward:
         view = self._views[bucket]
         if self._trim_span:
             last = int(view.lengths.max()) + width - 1 if positions is None else int(positions.max())
+            last += max(greedy - 1, 0)  # the positions the chosen tokens are fed at
             view = view.prefix(min(last + 1, self.cache.max_len))
             if not self.graphs_built:  # after warm_up() nothing compiles (~0.14 ms a step saved at 15m)
                 self._mark_span_dynamic(view)
-        logits = self._run(tokens, view, positions, logits_index)
+        logits = self._run(tokens, view, positions, logits_index, greedy)
         if saved is not None:
             self.cache.lengths[n:bucket] = saved
             logits = logits[:n]
         return logits
 
-    def warm_up(self, widths: Sequence[int], positions: bool = False, gather: bool = False) -> None:
-        """Compile the graphs of every bucket for calls of these widths (T) with positions given or not and
-        logits gathered or of the last position; then no call of those signatures compiles. The cache's rows must
-        hold nothing: it is emptied after."""
+    def warm_up(self, widths: Sequence[int], positions: bool = False, gather: bool = False, greedy: int = 0
+                ) -> None:
+        """Compile the graphs of every bucket for calls of these widths (T) with positions given or not, logits
+        gathered or of the last position, or `greedy` tokens chosen; then no call of those signatures compiles. The
+        cache's rows must hold nothing: it is emptied after."""
         if not self.compiled:
             return
+        self.graphs_built = False  # checking every guard while these compile (a later warm-up adds signatures)
         with torch.inference_mode():
             for bucket in self.buckets:
                 for width in widths:
@@ -587,18 +596,28 @@ class CacheForward:
                     # Contiguous, as the steps' own tensors are (an expanded view's strides would be another graph).
                     at = (torch.arange(width, device=self.device) + 1).clamp(max=self.cache.max_len - 1)
                     self(tokens, at.repeat(bucket, 1) if positions else None,
-                         torch.arange(width, device=self.device).repeat(bucket, 1) if gather else -1)
+                         torch.arange(width, device=self.device).repeat(bucket, 1) if gather else -1, greedy)
             self.cache.reset()
         self.graphs_built = True
 
     def _model_forward(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
-                       logits_index: torch.Tensor | int) -> torch.Tensor:
+                       logits_index: torch.Tensor | int, greedy: int = 0) -> torch.Tensor:
         if self.compiled and self._graph_key < 0:
             # Never true; the comparison makes this object's number a guard of its graphs. They hold its cache as
             # constants (static addresses, frozen), so another CacheForward over the same model in this process must
             # not take them (it crashed with an index out of bounds, or decoded into the first engine's cache).
             raise AssertionError("unreachable")
-        return self.model(tokens, cache=cache, positions=positions, logits_index=logits_index)
+        logits = self.model(tokens, cache=cache, positions=positions, logits_index=logits_index)  # (n, N, V)
+        if not greedy:
+            return logits
+        chosen = [logits[:, -1].argmax(dim=-1)]  # (n,)
+        at = positions[:, -1]  # (n,)
+        for _ in range(greedy - 1):
+            # Clamped for padding rows, which sit at their lengths (real rows stay below max_len: the caller's part)
+            at = (at + 1).clamp(max=cache.max_len - 1)
+            logits = self.model(chosen[-1][:, None], cache=cache, positions=at[:, None], logits_index=-1)
+            chosen.append(logits[:, -1].argmax(dim=-1))
+        return torch.stack(chosen, dim=1)  # (n, greedy)
 
     @staticmethod
     def _mark_span_dynamic(view: KVCache) -> None:
@@ -606,9 +625,9 @@ class CacheForward:
             torch._dynamo.mark_dynamic(tensor, 2)
 
     def _run(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
-             logits_index: torch.Tensor | int) -> torch.Tensor:
+             logits_index: torch.Tensor | int, greedy: int) -> torch.Tensor:
         if not self.compiled:
-            return self._forward(tokens, cache, positions, logits_index)
+            return self._forward(tokens, cache, positions, logits_index, greedy)
         if self.graphs_built:
             # After warm_up() no call should need a new graph (every bucket is compiled, the span is dynamic), so
             # dynamo checks only the guards that tell this code's graphs apart (bucket size, signature, owner's
@@ -618,7 +637,7 @@ class CacheForward:
             # dynamo refuses before running anything; this object then goes back to checking every guard.
             try:
                 with torch.compiler.set_stance(skip_guard_eval_unsafe=True):
-                    return self._compiled(tokens, cache, positions, logits_index)
+                    return self._compiled(tokens, cache, positions, logits_index, greedy)
             except RuntimeError as exc:
                 if "skip_guard_eval_unsafe" not in str(exc):
                     raise
@@ -627,18 +646,18 @@ class CacheForward:
                 self.graphs_built = False
                 if self._trim_span:
                     self._mark_span_dynamic(cache)
-        return self._compiled(tokens, cache, positions, logits_index)
+        return self._compiled(tokens, cache, positions, logits_index, greedy)
 
     def _compiled(self, tokens: torch.Tensor, cache: KVCache, positions: torch.Tensor | None,
-                  logits_index: torch.Tensor | int) -> torch.Tensor:
+                  logits_index: torch.Tensor | int, greedy: int) -> torch.Tensor:
         if self.device.type == "cuda":
             # A new iteration for CUDA graph trees: the last step's logits (already sampled) may be overwritten.
             torch.compiler.cudagraph_mark_step_begin()
-            return self._forward(tokens, cache, positions, logits_index)
+            return self._forward(tokens, cache, positions, logits_index, greedy)
         # Around every call, not just a bucket's first (which compiles): a recompilation is frozen too, for ~17 us a
         # call.
         with torch._inductor.config.patch(freezing=True):
-            return self._forward(tokens, cache, positions, logits_index)
+            return self._forward(tokens, cache, positions, logits_index, greedy)
 
 
 def move_cache_row(cache: KVCache, src: int, dst: int, length: int) -> None:

@@ -10,10 +10,13 @@ Chen et al. 2023, "Accelerating Large Language Model Decoding with Speculative S
 Drafters.
 - A draft model (`draft=`): a smaller checkpoint with the same tokenizer. It has its own KV cache whose rows are
   the engine's rows (a row that moves in the engine's cache moves in the draft's too) and drafts k tokens in k
-  batched forwards over the running rows. Its cache catches up lazily: a sequence's prompt is prefilled into the
-  draft at its first speculative step (in chunks of `prefill_chunk`, alone in its row), after which it is at most
-  two tokens behind (the target's extra token, and the last draft when all were accepted) and catches up in the
-  first of the k forwards.
+  batched forwards over the running rows; when every running row is greedy without penalties, the k forwards and
+  their argmaxes are one call (CacheForward's greedy=k, one graph when compiled). Its cache catches up lazily: a
+  sequence's prompt is prefilled into the draft at its first speculative step (in chunks of `prefill_chunk`, alone
+  in its row), after which it is at most two tokens behind (the target's extra token, and the last draft when all
+  were accepted) and catches up in the first of the k forwards. A draft pays only as far as it agrees with the
+  model: one trained on the model's own output as well as the text agrees far more often than one trained on the
+  text alone (sequence-level distillation; `benchmarks/speculative.py` trains both).
 - Prompt lookup (`prompt_lookup=N`; Saxena 2023, "Prompt Lookup Decoding", as in Hugging Face's
   `prompt_lookup_num_tokens`): the sequence's last n tokens (n = N, N-1, ..., 1, the longest that occurs) are
   looked up earlier in its own prompt and output, most recent occurrence first; the tokens that followed are the
@@ -174,9 +177,10 @@ def lookup_continuation(ids: Sequence[int], max_ngram: int, count: int) -> list[
 class DraftModel(Drafter):
     """A smaller model with the same tokenizer, its KV cache's rows kept as the engine's rows."""
 
-    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int, prefill_chunk: int,
+    def __init__(self, model: torch.nn.Module, max_batch: int, max_len: int, prefill_chunk: int, draft_tokens: int,
                  compiled: bool = False, static: bool | None = None) -> None:
         self.model = model.eval()
+        self.draft_tokens = draft_tokens  # k: the most a proposal holds
         weight = model.tok_embeddings.weight
         self.device = weight.device
         self.cache = KVCache.empty(model.cfg, max_batch, max_len, dtype=weight.dtype, device=self.device,
@@ -194,7 +198,15 @@ class DraftModel(Drafter):
         if most == 0:
             return Drafts(drafts, [None] * n)
         ids = [s.prompt_ids + s.output_ids for s in seqs]
-        logits = self._catch_up(seqs, ids)  # (n, V): the draft's next-token logits after each row's last token
+        tokens, positions = self._catch_up(seqs, ids)  # what each row's cache lacks, left-padded: (n, 1 or 2)
+        self._proposed = [(s.seq_id, len(ids[i]), min(budgets[i], most - 1)) for i, s in enumerate(seqs)]
+        if all(s.params.greedy and not s.params.penalized for s in seqs):
+            # Every row drafts the argmax: k drafts in one call (one graph when compiled). A row with a smaller
+            # budget drafts past it too (at positions it never keeps; clamped into the cache) and keeps its budget's
+            # worth.
+            chosen = self.steps(self._tensor(tokens), self._tensor(positions), greedy=self.draft_tokens).tolist()
+            return Drafts([row[:b] for row, b in zip(chosen, budgets)], [None] * n)
+        logits = self._forward(tokens, positions)  # (n, V): the draft's next-token logits after each row's last
         for j in range(1, most + 1):
             active = [i for i in range(n) if budgets[i] >= j]
             for i, token, q in zip(active, *choose(logits[active], [seqs[i] for i in active],
@@ -209,7 +221,6 @@ class DraftModel(Drafter):
             fed = [drafts[i][min(j, budgets[i]) - 1] if budgets[i] else ids[i][-1] for i in range(n)]
             positions = [len(ids[i]) - 1 + min(j, budgets[i]) for i in range(n)]
             logits = self._forward([[t] for t in fed], [[p] for p in positions])
-        self._proposed = [(s.seq_id, len(ids[i]), min(budgets[i], most - 1)) for i, s in enumerate(seqs)]
         return Drafts(drafts, [torch.stack(p) if p else None for p in probs])
 
     def verified(self, seqs: list[SequenceState], accepted: list[int]) -> None:
@@ -221,14 +232,17 @@ class DraftModel(Drafter):
         move_cache_row(self.cache, src, dst, length)
 
     def warm_up(self) -> None:
-        """Compile the draft's batched forwards (one token per row, and two when catching up)."""
+        """Compile the draft's batched forwards: one token per row, and two when catching up, giving logits
+        (sampled or penalized rows) or k greedy drafts."""
         self.steps.warm_up(widths=[1, 2], positions=True)
+        self.steps.warm_up(widths=[1, 2], positions=True, greedy=self.draft_tokens)
 
     def forget(self, seq_id: int) -> None:
         self.cached.pop(seq_id, None)
 
-    def _catch_up(self, seqs: list[SequenceState], ids: list[list[int]]) -> torch.Tensor:
-        """Feed each row what its draft cache lacks; the next-token logits after its last token, (n, V)."""
+    def _catch_up(self, seqs: list[SequenceState], ids: list[list[int]]) -> tuple[list[list[int]], list[list[int]]]:
+        """Prefill new sequences' prompts alone in their rows; then what each row's draft cache still lacks (one or
+        two tokens, left-padded to one width): tokens and positions (n, 1 or 2), for one batched forward."""
         have = [self.cached.get(s.seq_id, 0) for s in seqs]
         for i in range(len(seqs)):  # a new sequence: its prompt alone in its row, leaving one token to the batch
             while len(ids[i]) - have[i] > 2:
@@ -243,11 +257,14 @@ class DraftModel(Drafter):
             pad = width - (len(ids[i]) - have[i])
             tokens.append([ids[i][have[i]]] * pad + ids[i][have[i]:])
             positions.append([have[i]] * pad + list(range(have[i], len(ids[i]))))
-        return self._forward(tokens, positions)
+        return tokens, positions
 
     def _forward(self, tokens: list[list[int]], positions: list[list[int]]) -> torch.Tensor:
-        as_tensor = lambda rows: torch.tensor(rows, device=self.device)
-        return self.steps(as_tensor(tokens), as_tensor(positions))[:, -1]
+        """The next-token logits after each row's last token, (n, V)."""
+        return self.steps(self._tensor(tokens), self._tensor(positions))[:, -1]
+
+    def _tensor(self, rows: list[list[int]]) -> torch.Tensor:
+        return torch.tensor(rows, device=self.device)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -339,7 +356,7 @@ class SpeculativeEngine(Engine):
             if draft.tok_embeddings.weight.device != self.device:
                 raise MinillamaError(f"the draft model is on {draft.tok_embeddings.weight.device}, the model on "
                                      f"{self.device}; put both on one device")
-            self.drafter: Drafter = DraftModel(draft, self.max_batch, self.max_len, self.prefill_chunk,
+            self.drafter: Drafter = DraftModel(draft, self.max_batch, self.max_len, self.prefill_chunk, draft_tokens,
                                                compiled=self.compiled, static=self.cache.static)
         else:
             self.drafter = PromptLookup(prompt_lookup)
