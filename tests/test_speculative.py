@@ -189,10 +189,18 @@ def test_greedy_alone_equals_the_model_for_each_k(draft_tokens):
     draft = perturbed(target, 0.005)
     params = SamplingParams(max_new_tokens=40, temperature=0, ignore_eos=True)
     for prompt in prompts_of([3, 30], seed=4):
-        got = SpeculativeEngine(target, draft=draft, draft_tokens=draft_tokens, max_batch=1).generate([prompt],
-                                                                                                        params)[0]
+        engine = SpeculativeEngine(target, draft=draft, draft_tokens=draft_tokens, max_batch=1)
+        draft_calls = []
+        forward = engine.drafter.steps.__call__
+        engine.drafter.steps = (lambda *args, calls=draft_calls, forward=forward, **kwargs:
+                                calls.append(kwargs) or forward(*args, **kwargs))
+        got = engine.generate([prompt], params)[0]
         assert got.token_ids == alone(target, prompt, params).token_ids
         assert got.speculation.verify_steps < 40  # fewer forwards of the model than tokens
+        # Greedy rows without penalties: each proposal is one call of the draft, all k drafts chosen inside it
+        # (a last step with one token left drafts nothing)
+        assert draft_calls and all(call == dict(greedy=draft_tokens) for call in draft_calls)
+        assert len(draft_calls) in (got.speculation.verify_steps - 1, got.speculation.verify_steps)
 
 
 def test_context_full_and_static_cache():

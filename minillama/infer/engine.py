@@ -88,7 +88,7 @@ CPU_COMPILE_OPTIONS = dict(max_autotune=True, max_autotune_gemm_backends="CPP,AT
                            autotune_num_choices_displayed=0, max_autotune_report_choices_stats=False)  # quiet
 
 _COMPILED_FORWARDS = itertools.count()  # numbers the compiled CacheForwards of this process (their graphs' guards)
-MAX_SIGNATURES = 4  # call signatures (T, positions, logits) a CacheForward compiles per bucket at most
+MAX_SIGNATURES = 4  # call signatures (T, positions, logits or greedy) a CacheForward compiles per bucket at most
 
 FINISH_STOP = "stop"  # EOS, a stop token id or a stop string
 FINISH_LENGTH = "length"  # max_new_tokens, or the context is full
@@ -504,8 +504,8 @@ class CacheForward:
         chosen = steps(tokens, positions, greedy=k)         # then k argmax tokens, each fed back: (n, k)
 
     Compiled (the cache must be static), each batch bucket (1, 2, 4, ... rows, the cache's batch size last) and
-    each call signature (T, positions given or not, logits of the last position or gathered) is a graph: n rows
-    are padded to the bucket with rows beyond them, which decode into those rows at their lengths (positions
+    each call signature (T, positions given or not, logits of the last position or gathered, greedy k) is a graph:
+    n rows are padded to the bucket with rows beyond them, which decode into those rows at their lengths (positions
     clamped into the cache) and have their lengths put back. On CUDA with mode="reduce-overhead" (each graph
     replays as a CUDA graph); on CPU with inductor's freezing and autotuned GEMMs (CPU_COMPILE_OPTIONS). After
     `warm_up` has built every graph, calls check only the guards that tell the graphs apart (see __call__).

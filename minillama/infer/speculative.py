@@ -55,9 +55,9 @@ Compiled (`compile=True`; `minillama generate --draft D --compile`): the verific
 tokens a row (rows with fewer drafts padded as above), so each batch bucket is one graph, and the draft model's
 one- and two-token forwards are compiled too; both are engine.py's CacheForward (static cache, batch buckets, the
 span trimmed on CPU), and `warm_up()` builds every graph. The prefills (the model's and the draft's) run eager, as
-in Engine. Off by default, on CUDA too (measured on CPU only). On 2 AVX2 cores in fp32, the 13M Shakespeare target
-with the 0.5M draft: 6.64 ms a token at k = 2 (prompt lookup 6.11) against 7.80 for the compiled plain step, the
-same tokens (benchmarks/RESULTS.md, 2026-12-03); eager, speculation there was 15-17 ms.
+in Engine. Off by default, on CUDA too (measured on CPU only). On 2 AVX2 cores in fp32 (one thread), the 13M
+Shakespeare target with a 0.5M draft distilled from it: 2.26 ms a token at k = 4 against 4.45 for the compiled plain
+step, the same tokens (1.97x; the draft trained on the text alone: 3.85 ms; benchmarks/RESULTS.md, 2026-12-03).
 Not done: tree or multi-draft verification.
 """
 
