@@ -554,8 +554,8 @@ class CacheForward:
 
         greedy=k (positions given, logits_index -1): instead of logits, k tokens per row (n, k), the argmax after
         the last position, then k - 1 times the argmax after feeding the previous one at the next position, all in
-        one call (one graph when compiled): a draft model's greedy proposal. The fed tokens stay in the cache, at
-        positions the caller keeps below max_len."""
+        one call (one graph when compiled): a draft model's greedy proposal. The fed tokens stay in the cache; a
+        position past its end is clamped to its last slot, which the caller must not need."""
         n, width = tokens.shape
         bucket = next(b for b in self.buckets if b >= n)
         saved = None
@@ -613,7 +613,7 @@ class CacheForward:
         chosen = [logits[:, -1].argmax(dim=-1)]  # (n,)
         at = positions[:, -1]  # (n,)
         for _ in range(greedy - 1):
-            # Clamped for padding rows, which sit at their lengths (real rows stay below max_len: the caller's part)
+            # Clamped: padding rows sit at their lengths, and a row may draft past its budget to the cache's end
             at = (at + 1).clamp(max=cache.max_len - 1)
             logits = self.model(chosen[-1][:, None], cache=cache, positions=at[:, None], logits_index=-1)
             chosen.append(logits[:, -1].argmax(dim=-1))
