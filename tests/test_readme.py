@@ -37,7 +37,7 @@ FLAG_VALUES = {"--input": "{text}", "--vocab-size": "300", "--out": "{out}", "--
                "--checkpoint": "{checkpoint}", "--data": "{text}", "--task": "{task}", "--shots": "1",
                "--step": "0", "--model": "tiny", "--tokens": "1B", "--prompt": "ROMEO:", "--dp": "2",
                "--activation-checkpointing": "selective", "--draft": "{checkpoint}", "--draft-tokens": "2",
-               "--prompt-lookup": "2"}
+               "--prompt-lookup": "2", "--prompt-file": "{prompts}"}
 # Positional arguments, for the placeholders (or the `...`) that stand for them.
 POSITIONALS = {("data", "inspect"): ["{data}"], ("export", "gguf"): ["{checkpoint}"], ("quantize",): ["{checkpoint}"],
                ("tokenizer", "encode"): ["hello world"], ("tokenizer", "decode"): ["1", "2", "3"]}
@@ -49,6 +49,7 @@ def readme_commands() -> list[str]:
     text = README.read_text(encoding="utf-8")
     found = []
     for block in re.findall(r"^```[a-z]*\n(.*?)^```", text, flags=re.S | re.M):
+        block = block.replace("\\\n", " ")  # a line continued with a backslash is one command
         found += [part.strip() for line in block.splitlines() for part in line.split("&&")]
     prose = re.sub(r"^```.*?^```", "", text, flags=re.S | re.M)
     found += re.findall(r"`([^`\n]+)`", prose)
@@ -65,6 +66,8 @@ def expand(command: str) -> list[tuple[tuple[str, ...], list[str]]]:
     """(sub-command path, the words after it) for each command `command` stands for; brackets and `...` removed
     from the words."""
     words = [w.strip("[]") for w in shlex.split(command)[1:]]
+    if len(words) >= 2 and words[-2] == ">":  # the shell's redirection of the output, not the command's
+        words = words[:-2]
     words = [w for w in words if w and w != "..."]
     results = []
 
@@ -100,7 +103,9 @@ def fixtures(cli_inputs, tmp_path_factory) -> dict[str, str]:
     """conftest's `cli_inputs`, a shipped task file, and a working directory holding README's data.toml."""
     cwd = tmp_path_factory.mktemp("readme")
     (cwd / "data.toml").write_text(f'[data]\n[[data.sources]]\nname = "text"\npath = "{cli_inputs["text"]}"\n')
-    return {**{k: str(v) for k, v in cli_inputs.items()}, "cwd": str(cwd), "task": str(TASK_DIR / "arithmetic.jsonl")}
+    (cwd / "prompts.txt").write_text("ROMEO:\nJULIET:\n", encoding="utf-8")  # one prompt a line
+    return {**{k: str(v) for k, v in cli_inputs.items()}, "cwd": str(cwd), "task": str(TASK_DIR / "arithmetic.jsonl"),
+            "prompts": str(cwd / "prompts.txt")}
 
 
 @pytest.mark.parametrize("command, path, rest", CASES, ids=[f"{c} [{' '.join(p)}]" for c, p, _ in CASES])
