@@ -411,16 +411,20 @@ def _targets(model: nn.Module, spec: QuantizationSpec) -> list[tuple[str, nn.Lin
 
 
 def default_scale_dtype(weight_dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype quantized matmuls run in unless asked otherwise: the weights', except fp32 on an AVX-512 CPU,
-    which gets bf16. There PyTorch's int8 and int4 CPU kernels are vectorized for bf16 activations only, and fp32
-    ones take a scalar path. The 15m shape in fp32 on this repo's 2-core AVX-512 machine (torch 2.13,
-    `benchmarks/quantize_speed.py --base-dtype fp32`, RESULTS.md): one pass over the int8 projections 4.5x and
-    over the int4 ones 9.5x faster with bf16 scales than with fp32 ones, eager decoding 2.7x faster for both.
+    """The dtype quantized matmuls run in unless asked otherwise: the weights', except fp32 on an x86 CPU with
+    AVX2 or AVX-512, which gets bf16. There PyTorch's int8 and int4 CPU kernels are vectorized for bf16
+    activations only, and fp32 ones take a scalar path (`benchmarks/quantize_speed.py --base-dtype fp32`,
+    RESULTS.md, torch 2.13, 2 threads):
+    - AVX-512 (with BF16): the 15m shape's int8 projections 4.5x and int4 ones 9.5x faster with bf16 scales than
+      with fp32 ones, eager decoding 2.7x faster for both;
+    - AVX2 only (no native bf16): 15m's projections 3.8x (int8) and 5.5x (int4) faster, eager decoding 2.2x and
+      2.8x; at 350m decoding 3.4x (int8) and 8.7x (int4), and the compiled int8 step 11x. With fp32 scales
+      quantizing made an fp32 model slower (350m: 0.49x for int8), with bf16 ones faster (1.63x).
     The quantized matmuls' activations are then rounded to bf16 (each layer's output is cast back to fp32): a
     relative error of at most 2^-9 per value, below that of the weights' own rounding to 8 or 4 bits. Other
-    CPUs (AVX2 and below) keep the weights' dtype: not measured here."""
+    CPUs (ARM, POWER, x86 without AVX2) keep the weights' dtype: not measured."""
     if (weight_dtype == torch.float32 and device.type == "cpu"
-            and torch.backends.cpu.get_cpu_capability().startswith("AVX512")):
+            and torch.backends.cpu.get_cpu_capability().startswith(("AVX2", "AVX512"))):
         return torch.bfloat16
     return weight_dtype
 
@@ -432,8 +436,8 @@ def _scale_dtype_for(model: nn.Module) -> tuple[torch.dtype, torch.dtype]:
 
 
 def set_scale_dtype(model: nn.Module) -> nn.Module:
-    """Where `default_scale_dtype` differs from the model's floating-point dtype (fp32 on an AVX-512 CPU), cast
-    its quantized layers' scales and zeros to it: a quantized checkpoint loaded in fp32 there runs its quantized
+    """Where `default_scale_dtype` differs from the model's floating-point dtype (fp32 on an AVX2/AVX-512 CPU),
+    cast its quantized layers' scales and zeros to it: a quantized checkpoint loaded in fp32 there runs its quantized
     matmuls in bf16, as `quantize()` gives them. Elsewhere the scales stay as loaded (on CUDA int4 keeps the
     bf16 its kernel needs). Returns `model`."""
     weight_dtype, scale_dtype = _scale_dtype_for(model)
@@ -453,7 +457,7 @@ def quantize(model: nn.Module, method: str, group_size: int | None = None, *, qu
     With it quantized, a tied embedding keeps its own floating-point copy: the lookup reads one row per token,
     so it costs memory but no decode bandwidth, while the head is read whole for every token.
     scale_dtype: dtype of scales and zeros, which is also the dtype the matmuls run in (default:
-    `default_scale_dtype`, the weights' except for fp32 weights on an AVX-512 CPU, which get bf16).
+    `default_scale_dtype`, the weights' except for fp32 weights on an AVX2/AVX-512 CPU, which get bf16).
     Call it after moving the model to its device: int4 packs for the device it finds.
     """
     target = _unwrap(model)

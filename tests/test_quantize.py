@@ -163,13 +163,15 @@ def test_quantize_replaces_every_projection_and_can_keep_the_head():
     assert isinstance(kept.layers[1].feed_forward.w2, Int4Linear)
 
 
+@pytest.mark.parametrize("capability", ["AVX512", "AVX2"])
 @pytest.mark.parametrize("method, group_size", [("int8", None), ("int4", 32)])
-def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(method, group_size, monkeypatch):
+def test_an_fp32_model_on_an_avx2_or_avx512_cpu_runs_its_quantized_matmuls_in_bf16(method, group_size, capability,
+                                                                                    monkeypatch):
     """PyTorch's CPU int8/int4 kernels are vectorized for bf16 activations only: fp32 ones took a scalar path
-    (15m: matmuls 4.5-9.5x, decoding 2.7x slower; RESULTS.md). So an fp32 model quantized on an AVX-512 CPU
-    gets bf16 scales, and its layers still take and give fp32, computing x @ dequantized(W).T to bf16's
-    precision."""
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    (AVX-512, 15m: matmuls 4.5-9.5x, decoding 2.7x slower; AVX2, 350m: decoding 3.4-8.7x slower; RESULTS.md).
+    So an fp32 model quantized on such a CPU gets bf16 scales, and its layers still take and give fp32,
+    computing x @ dequantized(W).T to bf16's precision."""
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     model = quantize(small_model(), method, group_size)
     layer = model.layers[0].feed_forward.w1
     scales = layer.weight_scale if method == "int8" else layer.scale_and_zero
@@ -179,7 +181,7 @@ def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(metho
     expected = x.double() @ layer.dequantized().double().T
     assert got.dtype == torch.float32 and float((got.double() - expected).norm() / expected.norm()) < 1e-2
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")  # not measured: left as it was
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")  # no AVX2: not measured
     other = quantize(small_model(), method, group_size).layers[0].feed_forward.w1
     assert (other.weight_scale if method == "int8" else other.scale_and_zero).dtype == torch.float32
     assert default_scale_dtype(torch.bfloat16, torch.device("cpu")) == torch.bfloat16
@@ -189,9 +191,9 @@ def test_an_fp32_model_on_an_avx512_cpu_runs_its_quantized_matmuls_in_bf16(metho
 
 
 @pytest.mark.parametrize("method, group_size", [("int8", None), ("int4", 32)])
-def test_a_quantized_checkpoint_loaded_in_fp32_on_an_avx512_cpu_keeps_bf16_scales(method, group_size, tmp_path,
-                                                                                   monkeypatch):
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+def test_a_quantized_checkpoint_loaded_in_fp32_on_an_avx2_cpu_keeps_bf16_scales(method, group_size, tmp_path,
+                                                                                 monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     source = quantize(small_model(), method, group_size)
     save(source, None, tmp_path / "q")
     model, _ = load(tmp_path / "q", dtype=torch.float32)
@@ -201,7 +203,7 @@ def test_a_quantized_checkpoint_loaded_in_fp32_on_an_avx512_cpu_keeps_bf16_scale
     x = torch.randn(2, 3, layer.in_features)
     assert torch.equal(layer(x), source.layers[1].attention.wo(x))  # the same values, the same kernel
 
-    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "DEFAULT")
     model, _ = load(tmp_path / "q", dtype=torch.float32)
     layer = model.layers[1].attention.wo
     assert (layer.weight_scale if method == "int8" else layer.scale_and_zero).dtype == torch.float32
