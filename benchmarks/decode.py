@@ -15,7 +15,10 @@ tokens greedily without stopping at EOS.
   compiling gives on this device. A compiled engine is warmed up (`Engine.warm_up()`, every batch bucket's graph)
   before its first round, as `minillama generate --compile` and `minillama serve` do.
 - `minillama-int8`, `minillama-int4`: the same over a model quantized by `minillama.quantize.quantize(model,
-  "int8" | "int4")`. Where that module does not exist yet the rows say "not available"; no numbers are invented.
+  "int8" | "int4")`, in the dtype `minillama generate --quantize` loads it in by default (`--dtype auto`): bf16
+  on CUDA and on CPUs with native bf16, fp32 elsewhere (an AVX2-only CPU, where bf16 norms, attention and KV cache
+  are emulated and slow; the quantized matmuls still run in bf16 there, `minillama.quantize.default_scale_dtype`).
+  Where that module does not exist yet the rows say "not available"; no numbers are invented.
 - `hf-<attn>-<dtype>`: `LlamaForCausalLM.generate(do_sample=False)` with attn_implementation eager (matmul) or
   sdpa and its default dynamic cache; `hf-<attn>-static-compiled-<dtype>`: with cache_implementation="static"
   and its automatic torch.compile of the forward (CompileConfig; mode reduce-overhead, i.e. CUDA graphs on
@@ -140,8 +143,9 @@ def build_minillama(settings: dict, preset: str, prompt: list[int], new_tokens: 
     import torch
 
     from minillama.infer import Engine, SamplingParams
+    from minillama.infer.generate import DTYPES, inference_dtype
 
-    dtype = torch.float32 if settings["dtype"] == "fp32" else torch.bfloat16
+    dtype = DTYPES.get(settings["dtype"]) or inference_dtype("auto", torch.device(device))  # quantized: auto
     model = initial_model(preset, device, dtype)
     if settings["dtype"] in QUANTIZED:
         model = quantizer(settings["dtype"])(model)
