@@ -409,8 +409,8 @@ def summarize(preset: str, names: list[str], rounds: dict, info: dict, unavailab
             per_round = [rounds[name][r]["decode_tokens_per_s"] / rounds[best][r]["decode_tokens_per_s"]
                          for r in range(args.rounds)]
             entry["vs_hf_best"] = statistics.median(per_round)
-        if entry["batch"] > 1 and name.removesuffix("-b8") in result["contestants"]:
-            single = name.removesuffix("-b8")
+        single = "-".join(part for part in name.split("-") if part != "b8")  # its batch-1 twin
+        if entry["batch"] > 1 and single in result["contestants"]:
             entry["vs_batch_1"] = statistics.median(rounds[name][r]["decode_tokens_per_s"] /
                                                     rounds[single][r]["decode_tokens_per_s"]
                                                     for r in range(args.rounds))
