@@ -280,7 +280,7 @@ def load_model(directory: str | Path, *, device: torch.device | str = "cpu",
     if "quantization_config" in hf:
         from minillama.quantize import set_scale_dtype
 
-        set_scale_dtype(model)  # the dtype its quantized matmuls run fastest in (an fp32 load: bf16 on AVX-512)
+        set_scale_dtype(model)  # where its quantized matmuls run fastest (an fp32 load: bf16 on AVX2 and AVX-512)
     return model
 
 
