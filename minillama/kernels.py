@@ -89,8 +89,8 @@ def cached_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     B, H, T, D = q.shape
     K, S = k.shape[1], k.shape[2]
     G = H // K  # query heads per key/value head, as in causal_attention_blocked
-    if T == 1 and torch.compiler.is_compiling() and (B == 1 or q.dtype == torch.float32):
-        return _one_query_attention(q, k, v, mask)
+    if torch.compiler.is_compiling() and ((B == 1 and T == 1) or q.dtype == torch.float32):
+        return _products_attention(q, k, v, mask)
     scores = k @ q.reshape(B, K, G * T, D).transpose(-1, -2)  # (B, K, S, G * T)
     scores = scores.view(B, K, S, G, T).permute(0, 1, 3, 4, 2)  # (B, K, G, T, S), a view
     probs = (scores.float() * D ** -0.5).masked_fill(~mask[:, :, None], float("-inf")).softmax(dim=-1)
@@ -98,24 +98,28 @@ def cached_attention_matmul(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, m
     return out.view(B, H, T, D)
 
 
-def _one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """cached_attention_matmul for one query position a row, inside torch.compile: products and sums that
-    inductor fuses into loops over the cache as it lies, where each of the two batched matmuls was a library call
-    costing more than its arithmetic (the engine's compiled 15m bf16 step on 1 thread: 4.2 -> 2.7 ms a token).
-    In bf16, with 32 rows, the matmuls stay ahead (15m, 2 threads: ~1,650 against ~1,500 tokens/s), so there this
-    is for one row. In fp32 it is for every batch size: inductor then tries its own batched-matmul template for the
-    two matmuls, whose C++ does not compile with the span a dynamic size (torch 2.13: "'ks2' was not declared"), so
-    each batch bucket's compilation printed pages of compiler errors before it fell back to ATen's matmuls. The
-    speed is the same within this machine's noise (15m fp32, 2 AVX2 cores, 2026-12-04: 8 rows, both forms compiled
-    in one process, 6 alternating rounds: 1.04x by the median per-round ratio, rounds 0.89-1.31x; 32 rows, separate
-    processes: 1,790-1,950 against 1,560-1,980 tokens/s). Scores and probabilities stay in fp32 throughout."""
-    B, H, T, D = q.shape  # T = 1
-    K = k.shape[1]
+def _products_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """cached_attention_matmul inside torch.compile, for the few query positions a row that a compiled cache
+    forward has (1 when decoding, k + 1 when verifying k drafted tokens): products and sums that inductor fuses
+    into loops over the cache as it lies, where each of the two batched matmuls was a library call costing more
+    than its arithmetic (the engine's compiled 15m bf16 step on 1 thread: 4.2 -> 2.7 ms a token). In bf16, with
+    32 rows, the matmuls stay ahead (15m, 2 threads: ~1,650 against ~1,500 tokens/s), so there this is for one
+    row and one position. In fp32 it is for every batch size and position count: inductor then tries its own
+    batched-matmul template for the two matmuls, whose C++ does not compile with the span a dynamic size (torch
+    2.13: "'ks2' was not declared"), so each graph's compilation printed pages of compiler errors before it fell
+    back to ATen's matmuls. The decoding speed is the same within this machine's noise (15m fp32, 2 AVX2 cores,
+    2026-12-04: 8 rows, both forms compiled in one process, 6 alternating rounds: 1.04x by the median per-round
+    ratio, rounds 0.89-1.31x; 32 rows, separate processes: 1,790-1,950 against 1,560-1,980 tokens/s). Scores and
+    probabilities stay in fp32 throughout."""
+    B, H, T, D = q.shape
+    K, S = k.shape[1], k.shape[2]
     G = H // K
-    qg = q.reshape(B, K, 1, G, D).float()
-    scores = (k[:, :, :, None, :].float() * qg).sum(-1).transpose(-1, -2)  # (B, K, G, S)
-    probs = (scores * D ** -0.5).masked_fill(~mask[:, :, 0, None], float("-inf")).softmax(dim=-1)  # (B, K, G, S)
-    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, K, G, D)
+    Q = G * T  # the queries of one key/value head: its G heads x T positions, as in cached_attention_matmul
+    qg = q.reshape(B, K, 1, Q, D).float()
+    scores = (k[:, :, :, None, :].float() * qg).sum(-1).transpose(-1, -2)  # (B, K, Q, S)
+    visible = mask[:, :, 0, None] if T == 1 else mask[:, :, None].expand(B, 1, G, T, S).reshape(B, 1, Q, S)
+    probs = (scores * D ** -0.5).masked_fill(~visible, float("-inf")).softmax(dim=-1)  # (B, K, Q, S)
+    out = (probs[..., None] * v[:, :, None].float()).sum(-2)  # (B, K, Q, D)
     return out.to(q.dtype).view(B, H, T, D)
 
 

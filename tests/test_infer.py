@@ -4,7 +4,9 @@ UTF-8 streaming, the exact effect of every sampling filter and penalty, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -527,6 +529,28 @@ def load_checkpoint(directory):
     return load(directory)
 
 
+@contextlib.contextmanager
+def autotune_failures():
+    """Compile afresh (no cached graphs or autotuning results) and collect the errors inductor logs while it
+    autotunes: each is a kernel choice that failed, and pages of C++ errors on the user's terminal."""
+
+    class Failures(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage()[:300])
+
+    handler, log = Failures(), logging.getLogger("torch._inductor.select_algorithm")
+    log.addHandler(handler)
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+            yield handler.messages
+    finally:
+        log.removeHandler(handler)
+
+
 @pytest.mark.slow
 def test_compiled_static_decode_equals_eager():
     """compile=True (what runs on CUDA, as CUDA graphs there): torch.compile'd decode over a static cache, batch
@@ -571,31 +595,16 @@ def test_compiled_warm_up_leaves_nothing_to_compile_under_load():
     leaving at any length compile nothing more, and the output equals the eager engine's. No kernel that inductor
     tries while autotuning fails to compile (in fp32 its batched-matmul template did, for the attention of every
     bucket of two rows or more, and printed pages of C++ errors). Slow: `pytest -m slow`."""
-    import logging
-
     from torch._dynamo.utils import counters
-
-    class Errors(logging.Handler):
-        def __init__(self):
-            super().__init__(logging.ERROR)
-            self.messages = []
-
-        def emit(self, record):
-            self.messages.append(record.getMessage()[:300])
 
     model = small_model()
     assert model.norm.weight.dtype == torch.float32
     params = SamplingParams(max_new_tokens=6, temperature=0, ignore_eos=True)
     prompts = prompts_of([3, 9, 5, 14, 7])
     engine = Engine(model, max_batch=4, compile=True)
-    errors, autotune_log = Errors(), logging.getLogger("torch._inductor.select_algorithm")
-    autotune_log.addHandler(errors)
-    try:
-        with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):  # compiled afresh
-            engine.warm_up()
-    finally:
-        autotune_log.removeHandler(errors)
-    assert not errors.messages, errors.messages
+    with autotune_failures() as failures:
+        engine.warm_up()
+    assert not failures, failures
     compiled = counters["stats"]["unique_graphs"]
     got = engine.generate(prompts, params)
     assert counters["stats"]["unique_graphs"] == compiled

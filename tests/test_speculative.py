@@ -12,7 +12,7 @@ import re
 import pytest
 import test_infer
 import torch
-from test_infer import TEXT, alone, assert_same, prompts_of, small_model
+from test_infer import TEXT, alone, assert_same, autotune_failures, prompts_of, small_model
 
 from minillama import MinillamaError, save
 from minillama.cli import main
@@ -128,8 +128,9 @@ def test_greedy_equals_the_model_alone_batched_with_joins_leaves_and_cancel(kind
 @pytest.mark.slow
 def test_compiled_speculation_equals_the_model_alone_and_compiles_nothing_after_warm_up():
     """compile=True: the verification forward (k + 1 tokens a row, every bucket) and the draft model's forwards
-    are compiled by warm_up(); rows joining, leaving and being cancelled then compile nothing more, and every
-    sequence has the plain engine's tokens. Slow (compilation, ~5 min on 2 cores): `pytest -m slow`."""
+    are compiled by warm_up() with no kernel choice failing to compile; rows joining, leaving and being cancelled
+    then compile nothing more, and every sequence has the plain engine's tokens. Slow (compilation, ~5 min on 2
+    cores): `pytest -m slow`."""
     kind = "perturbed-copy"  # a draft model: both compiled forwards (prompt lookup compiles only verification)
     from torch._dynamo.utils import counters
 
@@ -138,7 +139,9 @@ def test_compiled_speculation_equals_the_model_alone_and_compiles_nothing_after_
     def compiled_engine(target):
         engine = SpeculativeEngine(target, max_batch=4, prefill_chunk=8, draft_tokens=3, compile=True,
                                    **drafter_options(kind, target))
-        assert engine.warm_up() > 0
+        with autotune_failures() as failures:  # in fp32 the verification's attention met a failing template
+            assert engine.warm_up() > 0
+        assert not failures, failures
         graphs.append(counters["stats"]["unique_graphs"])
         return engine
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from minillama.config import ModelConfig
-from minillama.kernels import _one_query_attention, cached_attention_matmul, causal_attention_blocked
+from minillama.kernels import _products_attention, cached_attention_matmul, causal_attention_blocked
 from minillama.model import IGNORE_INDEX, Transformer
 from minillama.runtime import retain_freed_memory
 from minillama.train.config import OptimConfig
@@ -121,11 +121,11 @@ def test_cached_attention_matmul_equals_sdpa(T):
     mask = torch.arange(40) <= positions[:, None, :, None]  # (B, 1, T, S)
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(cached_attention_matmul(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
-    if T == 1:  # the form a compiled decode step takes (as traced: products and sums), row by row and batched
-        for row in range(3):
-            got = _one_query_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], mask[row:row + 1])
-            torch.testing.assert_close(got, expected[row:row + 1], rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(_one_query_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    # The form a compiled cache forward takes (as traced: products and sums), row by row and batched
+    for row in range(3):
+        got = _products_attention(q[row:row + 1], k[row:row + 1], v[row:row + 1], mask[row:row + 1])
+        torch.testing.assert_close(got, expected[row:row + 1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_products_attention(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
 
 
 def _trajectory(model: Transformer, steps: int = 3, **parallel) -> list[tuple[float, float]]:
