@@ -153,6 +153,7 @@ class PackedInt8Linear(nn.Module):
         n, k = layer.weight.shape
         self.register_buffer("packed", layer.weight.view(n // 4, 4, k // lanes, lanes).transpose(1, 2).contiguous())
         self.register_buffer("scale", layer.weight_scale)
+        self.in_features = k
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.minillama_probe.int8_gemv(x, self.packed, self.scale)
@@ -187,13 +188,7 @@ class ProjectionPass(nn.Module):
         self.layers = nn.ModuleList(layers)
 
     def forward(self, inputs: dict[int, torch.Tensor]) -> list[torch.Tensor]:
-        return [layer(inputs[self._width(layer)]) for layer in self.layers]
-
-    @staticmethod
-    def _width(layer: nn.Module) -> int:
-        if isinstance(layer, PackedInt8Linear):
-            return layer.packed.shape[1] * layer.packed.shape[3]
-        return layer.in_features if isinstance(layer, DynamicInt8Linear) else layer.weight.shape[1]
+        return [layer(inputs[layer.in_features]) for layer in self.layers]
 
 
 def bytes_read(module: nn.Module) -> int:
@@ -258,27 +253,26 @@ def main() -> None:
     build_kernel()
     model = quantize(build_model(args.preset), "int8")
     int8_layers = [layer for _, layer in projections(model)]
-    lanes = vector_lanes()
+    lanes, eager = vector_lanes(), "fbgemm dynamic (int8 activations), eager"  # dynamo cannot trace fbgemm's
     contestants = {"inductor (engine's CPU_COMPILE_OPTIONS)": ProjectionPass(int8_layers),
                    f"hand-written, rows packed by 4, {lanes} lanes": ProjectionPass(
                        [PackedInt8Linear(m, lanes) for m in int8_layers]),
-                   "fbgemm dynamic (int8 activations), eager": ProjectionPass(
-                       [DynamicInt8Linear(m) for m in int8_layers])}
-    widths = {ProjectionPass._width(m) for m in int8_layers}
+                   eager: ProjectionPass([DynamicInt8Linear(m) for m in int8_layers])}
+    widths = {m.in_features for m in int8_layers}
     inputs = {k: torch.randn(1, k, dtype=torch.bfloat16) for k in widths}
     with torch.no_grad():
-        reference = [m(inputs[ProjectionPass._width(m)]).float() for m in int8_layers]
+        reference = [m(inputs[m.in_features]).float() for m in int8_layers]
     compiled = {}
     for name, module in contestants.items():
         print(name, flush=True)
-        if name.startswith("fbgemm"):
+        if name == eager:
             with torch.no_grad():
                 compiled[name], outputs = module, module(inputs)
         else:
             compiled[name], outputs = compile_pass(module, inputs)
         worst = max(((a.float() - b).abs().max() / b.abs().max()).item() for a, b in zip(outputs, reference))
         # int8 activations round the input as well: a looser bound for that contestant alone
-        assert worst < (5e-2 if name.startswith("fbgemm") else 1e-2), f"{name}: relative difference {worst}"
+        assert worst < (5e-2 if name == eager else 1e-2), f"{name}: relative difference {worst}"
     times = time_passes(compiled, inputs, args.rounds)
     print(f"\n{args.preset} int8 projections at one row, {args.threads} threads, {cpu_model_name()}")
     rows = table(contestants, times)
